@@ -54,13 +54,20 @@ class RelPosMHSA(nn.Module):
 
         gh, gw = self.grid_size
         self.rel_pos_bias = nn.Parameter(torch.zeros(num_heads, (2 * gh - 1) * (2 * gw - 1)))
-        self.register_buffer("rel_pos_index", self.offset_index(grid_offsets(self.grid_size)), persistent=False)
+        self.register_buffer("rel_pos_index", torch.empty(gh * gw, gh * gw, dtype=torch.long), persistent=False)
+        self.reset_rel_pos_index()
         self.null_bias = nn.Parameter(torch.zeros(num_heads)) if null_key else None
         trunc_normal_(self.rel_pos_bias, std=0.02)
 
     @property
     def null_key(self) -> bool:
         return self.null_bias is not None
+
+    def reset_rel_pos_index(self) -> None:
+        """Fill the (N, N) map from query/key pairs to bias-table columns (after ``to_empty`` too)."""
+        offsets = grid_offsets(self.grid_size, device=self.rel_pos_index.device)
+        with torch.no_grad():
+            self.rel_pos_index.copy_(self.offset_index(offsets))
 
     def offset_index(self, offsets: torch.Tensor) -> torch.Tensor:
         """Column of the bias table for offsets ``(..., 2)`` given as (dy, dx), each within the grid."""

@@ -1,0 +1,151 @@
+"""The ``cmhsa`` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ["main", "build_parser"]
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def _add_conv_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("convolution (a random kernel unless --weights is given)")
+    g.add_argument("--kernel-size", type=int, nargs="+", default=[5], metavar="K",
+                   help="kernel size K, or KH KW for a rectangular kernel (default: 5)")
+    g.add_argument("--in-chans", type=int, default=3, help="input channels C_in (default: 3)")
+    g.add_argument("--out-chans", type=int, default=3, help="output channels C_out (default: 3)")
+    g.add_argument("--dilation", type=int, default=1, help="kernel dilation (default: 1)")
+    g.add_argument("--stride", type=int, default=1,
+                   help="stride; must divide the patch size; output tokens then hold (P/stride)^2*C_out values")
+    g.add_argument("--groups", type=int, default=1, help="channel groups; --groups C_in is depthwise (default: 1)")
+    g.add_argument("--no-bias", action="store_true", help="convolution without bias")
+    g.add_argument("--weights", type=Path, default=None,
+                   help="load the kernel (C_out, C_in/groups, KH, KW) from a .safetensors or .pt file instead; "
+                        "sizes are then read from it")
+    g.add_argument("--key", default=None, help="tensor name inside --weights when it holds several "
+                                               "(a conv's 'weight'; '<prefix>.bias' is used if present)")
+    g.add_argument("--patch-size", type=int, default=16, help="patch size P; 1 is the pixel-input case (default: 16)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the random kernel and input (default: 0)")
+
+
+def _load_tensors(path: Path) -> dict:
+    if not path.exists():
+        raise SystemExit(f"error: --weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj if isinstance(obj, dict) else {"weight": obj}
+
+
+def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
+    torch.manual_seed(args.seed)
+    if args.weights is None:
+        k = args.kernel_size
+        kernel = (k[0], k[0]) if len(k) == 1 else (k[0], k[1])
+        padding = "same" if args.stride == 1 else tuple(args.dilation * (s - 1) // 2 for s in kernel)
+        try:
+            return nn.Conv2d(args.in_chans, args.out_chans, kernel, stride=args.stride, padding=padding,
+                             dilation=args.dilation, groups=args.groups, bias=not args.no_bias)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    tensors = _load_tensors(args.weights)
+    kernels = {k: v for k, v in tensors.items() if v.ndim == 4}
+    if args.key is None and len(kernels) != 1:
+        raise SystemExit(f"error: {args.weights} holds {len(kernels)} 4-d tensors; pick one with --key "
+                         f"(candidates: {', '.join(sorted(kernels)) or 'none'})")
+    key = args.key or next(iter(kernels))
+    if key not in kernels:
+        raise SystemExit(f"error: no 4-d tensor {key!r} in {args.weights}; candidates: {', '.join(sorted(kernels))}")
+    weight = kernels[key].double()
+    bias = tensors.get(key.rsplit(".", 1)[0] + ".bias" if "." in key else "bias")
+    c_out, c_in_group, kh, kw = weight.shape
+    padding = "same" if args.stride == 1 else (args.dilation * (kh - 1) // 2, args.dilation * (kw - 1) // 2)
+    conv = nn.Conv2d(c_in_group * args.groups, c_out, (kh, kw), stride=args.stride, padding=padding,
+                     dilation=args.dilation, groups=args.groups, bias=bias is not None, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    return conv
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .convert import verify
+
+    conv = _build_conv(args)
+    print(f"conv: {conv}")
+    report = verify(conv, args.patch_size, args.image_size, dtype=DTYPES[args.dtype], null_key=not args.no_null_key,
+                    bias_strength=args.bias_strength, seed=args.seed)
+    print(report)
+    return 0
+
+
+def cmd_bounds(args: argparse.Namespace) -> int:
+    from .bounds import best_fit_errors, head_lower_bound
+
+    conv = _build_conv(args)
+    kw = dict(dilation=conv.dilation, stride=conv.stride, groups=conv.groups)
+    bound = head_lower_bound(conv.weight, args.patch_size, **kw)
+    errors = best_fit_errors(conv.weight, args.patch_size, **kw)
+    print(f"conv: {conv}, patch size {args.patch_size}")
+    print(f"patch offsets the kernel reads (heads the construction uses): {len(errors) - 1}")
+    print(f"rank certificate (least heads that can be exact):             {bound}")
+    print("\nheads  best-fit relative error")
+    for h, e in enumerate(errors[1:], start=1):
+        print(f"{h:5d}  {e:.3e}{'   <- exact from here' if h == bound else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .convert import DEFAULT_BIAS_STRENGTH
+
+    parser = argparse.ArgumentParser(
+        prog="cmhsa",
+        description="Exact convolution -> multi-head self-attention, and Vision Transformers that start as CNNs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("verify", help="convert a convolution to MHSA and measure the error against F.conv2d",
+                       description="Build the Theorem 1 MHSA for a convolution (random, or loaded with --weights) "
+                                   "and print the heads used, the lower bound, and the max error on interior "
+                                   "and border patches.")
+    _add_conv_args(p)
+    p.add_argument("--image-size", type=int, nargs="+", default=[224], metavar="S",
+                   help="image size S, or H W (default: 224); must be a multiple of the patch size")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float64", help="precision of the check (default: float64)")
+    p.add_argument("--no-null-key", action="store_true",
+                   help="build the paper's MHSA without the null key (border patches are then wrong)")
+    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH,
+                   help=f"relative position bias beta on each head's offset; the error falls like N*exp(-beta/2) "
+                        f"(default: {DEFAULT_BIAS_STRENGTH:g})")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bounds", help="lower bound on heads for a kernel, and the best fit with fewer heads",
+                       description="Theorems 5/6 as numbers: the rank of the kernel's stacked per-offset blocks is "
+                                   "the least number of heads that can express it; the table gives the best "
+                                   "relative error reachable with 1, 2, ... heads (Eckart-Young).")
+    _add_conv_args(p)
+    p.set_defaults(func=cmd_bounds)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "image_size"):
+        args.image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Theorem 1 as code: any zero-padded ``nn.Conv2d`` -> an exactly equivalent :class:`RelPosMHSA` on patch tokens.
+
+The convolution maps the patches around query patch ``q`` to its output patch as ``y_q = sum_d X_{q+d} T_d``,
+one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
+needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), copies the
+patch (``W_V = I``) and applies ``T_d`` in its slice of ``W_O``. A null key (DESIGN.md §1) makes border patches
+whose neighbour is missing read zeros, which is exactly zero padding.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .attention import RelPosMHSA
+from .tokens import IntOrPair, image_to_tokens, to_pair
+
+__all__ = [
+    "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa", "verify", "VerifyReport",
+    "DEFAULT_BIAS_STRENGTH",
+]
+
+# exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
+DEFAULT_BIAS_STRENGTH = 60.0
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Per-axis (y, x) geometry of a convolution applied to a patch grid."""
+    kernel_size: Tuple[int, int]
+    patch_size: Tuple[int, int]
+    dilation: Tuple[int, int] = (1, 1)
+    stride: Tuple[int, int] = (1, 1)
+    pad_before: Tuple[int, int] = (0, 0)
+
+    @property
+    def out_patch_size(self) -> Tuple[int, int]:
+        return self.patch_size[0] // self.stride[0], self.patch_size[1] // self.stride[1]
+
+    def axis_taps(self, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Which kernel tap links which input and output pixel, per patch offset, along one axis.
+
+        Returns ``offsets`` (n,) and a 0/1 tensor ``taps`` (n, P, Q, K): ``taps[i, u_in, u_out, a] = 1`` when
+        pixel ``u_in`` of the patch at offset ``offsets[i]`` is the input of tap ``a`` for output pixel ``u_out``.
+        Only offsets that some tap reaches are returned (a dilated kernel can skip patches).
+        """
+        K, P, Q = self.kernel_size[axis], self.patch_size[axis], self.out_patch_size[axis]
+        s, dil, pad = self.stride[axis], self.dilation[axis], self.pad_before[axis]
+        # input position, relative to the query patch's first pixel, read by tap a for output pixel u_out
+        pos = s * torch.arange(Q)[:, None] + dil * torch.arange(K)[None, :] - pad  # (Q, K)
+        patch_offset = torch.div(pos, P, rounding_mode="floor")
+        offsets, which = torch.unique(patch_offset, return_inverse=True)
+        taps = torch.zeros(len(offsets), P, Q, K)
+        u_out, a = torch.meshgrid(torch.arange(Q), torch.arange(K), indexing="ij")
+        taps[which, pos - P * patch_offset, u_out, a] = 1.0
+        return offsets, taps
+
+    def offsets(self) -> torch.Tensor:
+        """All patch offsets (n, 2) as (dy, dx) that the convolution reads, row-major."""
+        oy, ox = self.axis_taps(0)[0], self.axis_taps(1)[0]
+        return torch.cartesian_prod(oy, ox).reshape(-1, 2)
+
+
+def _same_pad_before(kernel: int, dilation: int) -> int:
+    # PyTorch's padding='same' puts the smaller half first when the total is odd (even kernels)
+    return dilation * (kernel - 1) // 2
+
+
+def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
+    """Check that ``conv`` can be expressed on patches of ``patch_size`` and return its geometry.
+
+    Raises ``ValueError`` naming the unsupported setting and what is supported.
+    """
+    if not isinstance(conv, nn.Conv2d):
+        raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
+    P = to_pair(patch_size, "patch_size")
+    if min(P) < 1:
+        raise ValueError(f"patch_size must be positive, got {patch_size!r}")
+    K, dil, stride = tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero padding only "
+            f"(padding_mode='zeros' with padding='same' or the equivalent integer padding)"
+        )
+    for axis in (0, 1):
+        if P[axis] % stride[axis]:
+            raise ValueError(
+                f"stride {stride} does not divide patch size {P}: each output token must hold a whole "
+                f"(P/stride)x(P/stride) block of output pixels; use a stride that divides the patch size"
+            )
+    if conv.padding == "same":
+        pad_before = tuple(_same_pad_before(K[a], dil[a]) for a in (0, 1))
+    elif conv.padding == "valid" or isinstance(conv.padding, str):
+        if K == (1, 1):
+            pad_before = (0, 0)
+        else:
+            raise ValueError(
+                f"padding={conv.padding!r} shrinks the image, so the output is not a token grid of the same shape; "
+                f"supported: padding='same' or integer padding dilation*(kernel_size-1)//2 (zero padding)"
+            )
+    else:
+        pad_before = tuple(conv.padding)
+        for a in (0, 1):
+            reach = dil[a] * (K[a] - 1)
+            # output size equals input_size / stride exactly when reach + 1 - stride <= 2 * pad <= reach
+            if not reach + 1 - stride[a] <= 2 * pad_before[a] <= reach:
+                if reach % 2 and stride[a] == 1:
+                    fix = ("this axis needs asymmetric padding, which only padding='same' gives (PyTorch allows it "
+                           "for stride 1 only)")
+                else:
+                    fix = f"use padding={tuple(dil[b] * (K[b] - 1) // 2 for b in (0, 1))} or padding='same'"
+                raise ValueError(
+                    f"padding={conv.padding} with kernel_size={K}, dilation={dil}, stride={stride} does not keep "
+                    f"the output at input_size/stride, so outputs do not form patches; {fix}"
+                )
+    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before)
+
+
+def _dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Grouped kernel (C_out, C_in/groups, Kh, Kw) -> the equivalent dense block-diagonal (C_out, C_in, Kh, Kw)."""
+    if groups == 1:
+        return weight
+    c_out, c_in_group = weight.shape[:2]
+    out_per_group = c_out // groups
+    dense = weight.new_zeros(c_out, c_in_group * groups, *weight.shape[2:])
+    rows = torch.arange(c_out, device=weight.device)[:, None]
+    cols = (rows // out_per_group) * c_in_group + torch.arange(c_in_group, device=weight.device)[None, :]
+    dense[rows, cols] = weight
+    return dense
+
+
+def conv_blocks(weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-offset blocks ``T_d`` of a kernel.
+
+    Args:
+        weight: (C_out, C_in/groups, Kh, Kw).
+    Returns:
+        offsets (n, 2) as (dy, dx), and blocks (n, Ph*Pw*C_in, Qh*Qw*C_out) in token layout, so that
+        ``y_q = sum_i X_{q + offsets[i]} @ blocks[i]``.
+    """
+    w = _dense_weight(weight, groups)
+    (oy, ty), (ox, tx) = geometry.axis_taps(0), geometry.axis_taps(1)
+    ty, tx = ty.to(w), tx.to(w)
+    # rows (p, q, c) and columns (u, v, o) are the (p1 p2 c) token layouts of input and output patches
+    # two contractions: one three-way einsum picks a far slower order
+    blocks = torch.einsum("ypua,ocae->ypuoce", ty, w)
+    blocks = torch.einsum("ypuoce,xqve->yxpqcuvo", blocks, tx)
+    n = len(oy) * len(ox)
+    blocks = blocks.reshape(n, -1, geometry.out_patch_size[0] * geometry.out_patch_size[1] * w.shape[0])
+    return torch.cartesian_prod(oy, ox).reshape(-1, 2), blocks
+
+
+def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
+                          stride: IntOrPair = 1) -> ConvGeometry:
+    """Geometry of a kernel with zero 'same' padding (PyTorch's split; for stride > 1 the padding that keeps
+    the output at input_size / stride)."""
+    K, P = to_pair(kernel_size, "kernel_size"), to_pair(patch_size, "patch_size")
+    dil, s = to_pair(dilation, "dilation"), to_pair(stride, "stride")
+    if min(K + P + dil + s) < 1:
+        raise ValueError(f"kernel_size, patch_size, dilation and stride must be positive, "
+                         f"got {kernel_size}, {patch_size}, {dilation}, {stride}")
+    if P[0] % s[0] or P[1] % s[1]:
+        raise ValueError(f"stride {s} does not divide patch size {P}; use a stride that divides the patch size")
+    pad = tuple(_same_pad_before(K[a], dil[a]) for a in (0, 1))
+    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=s, pad_before=pad)
+
+
+def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
+                   stride: IntOrPair = 1) -> int:
+    """Heads the construction uses for a zero-'same'-padded kernel: one per patch offset the kernel reaches.
+
+    ``(2r+1)^2`` with ``r = ceil(dilation*(K-1) / (2P))`` for odd square kernels (9 when the kernel fits,
+    ``K^2`` on pixel input, ``P = 1``); even, rectangular and dilated kernels are counted exactly.
+    """
+    return len(same_padding_geometry(kernel_size, patch_size, dilation, stride).offsets())
+
+
+def conv_to_mhsa(
+        conv: nn.Conv2d,
+        patch_size: IntOrPair,
+        grid_size: IntOrPair,
+        bias_strength: float = DEFAULT_BIAS_STRENGTH,
+        null_key: bool = True,
+        num_heads: Optional[int] = None,
+) -> RelPosMHSA:
+    """Build a :class:`RelPosMHSA` computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
+
+    Input tokens are ``image_to_tokens(x, P)``; output tokens are ``image_to_tokens(conv(x), P // stride)``.
+    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head);
+    ``num_heads`` pads with inert heads to a fixed count. ``bias_strength`` (beta) sets the error, ~N*exp(-beta/2)
+    with the null key: large is exact, small leaves the softmax trainable. The module has conv's dtype and device.
+    """
+    geometry = conv_geometry(conv, patch_size)
+    gh, gw = to_pair(grid_size, "grid_size")
+    offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
+    inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
+    offsets, blocks = offsets[inside], blocks[inside]
+    used = len(offsets)
+    # a kernel that reads no patch inside the grid (tiny grid, large dilation) outputs its bias: one inert head
+    heads = num_heads if num_heads is not None else max(used, 1)
+    if heads < used:
+        raise ValueError(
+            f"this convolution needs {used} heads on {geometry.patch_size} patches (one per patch offset it reads), "
+            f"got num_heads={num_heads}; fewer heads cannot be exact (see cmhsa.head_lower_bound / best_fit_error)"
+        )
+    dim, out_dim = blocks.shape[1], blocks.shape[2]
+    # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
+    with torch.device("meta"):
+        mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key)
+    mhsa = mhsa.to_empty(device=conv.weight.device).to(conv.weight.dtype)
+    mhsa.reset_rel_pos_index()
+    with torch.no_grad():
+        # W_Q = W_K = 0: attention is purely positional; W_V = I in every head
+        mhsa.qkv.weight.zero_()
+        mhsa.qkv.bias.zero_()
+        mhsa.qkv.weight[2 * heads * dim:] = torch.eye(dim).repeat(heads, 1)
+        # W_O: head h applies T_{d_h}; inert padding heads get zero blocks
+        proj = torch.zeros(heads, dim, out_dim).to(blocks)
+        proj[:used] = blocks
+        mhsa.proj.weight.copy_(proj.reshape(heads * dim, out_dim).T)
+        q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
+        mhsa.proj.bias.copy_(conv.bias.detach().repeat(q_pixels) if conv.bias is not None else torch.zeros(out_dim))
+        # head h: logit beta on its offset, 0 elsewhere; the null key at beta/2 wins only where the offset is missing
+        mhsa.rel_pos_bias.zero_()
+        mhsa.rel_pos_bias[torch.arange(used), mhsa.offset_index(offsets)] = bias_strength
+        if null_key:
+            mhsa.null_bias.fill_(bias_strength / 2)
+    return mhsa
+
+
+@dataclass
+class VerifyReport:
+    """Errors of the converted MHSA against ``F.conv2d`` on random input."""
+    num_heads: int
+    lower_bound: int
+    grid_size: Tuple[int, int]
+    dtype: str
+    null_key: bool
+    bias_strength: float
+    output_scale: float      # max |conv(x)|
+    max_error: float         # max |mhsa - conv| over every position
+    interior_error: float    # ... over patches whose every head offset is inside the grid
+    border_error: float      # ... over the other patches (0 if there are none)
+    build_seconds: float
+
+    @property
+    def relative_error(self) -> float:
+        return self.max_error / max(self.output_scale, torch.finfo(torch.float64).tiny)
+
+    def __str__(self) -> str:
+        return "\n".join([
+            f"heads used       {self.num_heads} (lower bound for this kernel: {self.lower_bound})",
+            f"grid             {self.grid_size[0]}x{self.grid_size[1]} patches, {self.dtype}, "
+            f"null key {'on' if self.null_key else 'off'}, bias strength {self.bias_strength:g}",
+            f"max |error|      {self.max_error:.3e}  (relative to max |output| {self.output_scale:.3g}: "
+            f"{self.relative_error:.3e})",
+            f"  interior       {self.interior_error:.3e}",
+            f"  border         {self.border_error:.3e}",
+            f"build time       {self.build_seconds * 1e3:.1f} ms",
+        ])
+
+
+def border_patch_mask(offsets: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+    """(gh, gw) bool: patches where some offset in ``offsets`` (n, 2) falls outside the grid."""
+    gh, gw = grid_size
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    ky = ys[..., None] + offsets[:, 0]
+    kx = xs[..., None] + offsets[:, 1]
+    return ((ky < 0) | (ky >= gh) | (kx < 0) | (kx >= gw)).any(-1)
+
+
+@torch.no_grad()
+def verify(
+        conv: nn.Conv2d,
+        patch_size: IntOrPair,
+        image_size: IntOrPair,
+        dtype: torch.dtype = torch.float64,
+        null_key: bool = True,
+        bias_strength: float = DEFAULT_BIAS_STRENGTH,
+        batch_size: int = 2,
+        seed: int = 0,
+) -> VerifyReport:
+    """Convert ``conv`` and compare the MHSA with ``F.conv2d`` on a random batch, at every output position."""
+    from .bounds import head_lower_bound  # bounds builds on this module
+
+    P = to_pair(patch_size, "patch_size")
+    H, W = to_pair(image_size, "image_size")
+    if H % P[0] or W % P[1]:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch size {P[0]}x{P[1]}")
+    grid = (H // P[0], W // P[1])
+    conv = copy.deepcopy(conv).to(dtype)  # leave the caller's module untouched
+    start = time.perf_counter()
+    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key)
+    build_seconds = time.perf_counter() - start
+
+    x = torch.randn(batch_size, conv.in_channels, H, W, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    geometry = conv_geometry(conv, P)
+    expected = image_to_tokens(conv(x), geometry.out_patch_size)
+    error = (mhsa(image_to_tokens(x, P)) - expected).abs().amax(dim=(0, 2))  # (N,)
+    border = border_patch_mask(geometry.offsets(), grid).flatten()
+    return VerifyReport(
+        num_heads=mhsa.num_heads,
+        lower_bound=head_lower_bound(conv.weight, P, dilation=conv.dilation, stride=conv.stride,
+                                     groups=conv.groups),
+        grid_size=grid,
+        dtype=str(dtype).replace("torch.", ""),
+        null_key=null_key,
+        bias_strength=bias_strength,
+        output_scale=expected.abs().max().item(),
+        max_error=error.max().item(),
+        interior_error=error[~border].max().item() if (~border).any() else 0.0,
+        border_error=error[border].max().item() if border.any() else 0.0,
+        build_seconds=build_seconds,
+    )
+

@@ -1,0 +1,69 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cmhsa.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def number_after(label, text):
+    return float(re.search(rf"{label}\s+([0-9.e+-]+)", text).group(1))
+
+
+def test_verify_prints_heads_bound_and_errors(capsys):
+    code, out, _ = run(capsys, "verify", "--kernel-size", "3", "--patch-size", "4", "--in-chans", "2",
+                       "--out-chans", "3", "--image-size", "16", "20")
+    assert code == 0
+    assert "heads used       9 (lower bound for this kernel: 9)" in out
+    assert number_after("max \\|error\\|", out) < 1e-9
+    assert "interior" in out and "border" in out
+
+
+def test_verify_without_null_key_shows_border_error(capsys):
+    _, out, _ = run(capsys, "verify", "--kernel-size", "3", "--patch-size", "4", "--image-size", "16",
+                    "--no-null-key")
+    assert number_after("border", out) > 1e-3 > number_after("interior", out)
+
+
+def test_bounds_table(capsys):
+    code, out, _ = run(capsys, "bounds", "--kernel-size", "3", "--patch-size", "1", "--in-chans", "2",
+                       "--out-chans", "2")
+    assert code == 0
+    rows = re.findall(r"^\s+(\d+)\s+([0-9.e+-]+)", out, flags=re.M)
+    assert [int(h) for h, _ in rows] == list(range(1, 10))
+    assert "rank certificate (least heads that can be exact):             4" in out
+    errors = [float(e) for _, e in rows]
+    assert errors[2] > 1e-3 and errors[3] < 1e-10
+
+
+def test_kernel_from_safetensors(tmp_path, capsys):
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0, 1, 1] = 2.0  # a 1x1 kernel in disguise: one head suffices
+    path = tmp_path / "k.safetensors"
+    save_file({"conv.weight": w, "conv.bias": torch.ones(1)}, str(path))
+    code, out, _ = run(capsys, "verify", "--weights", str(path), "--patch-size", "4", "--image-size", "8")
+    assert code == 0 and "lower bound for this kernel: 1" in out
+    assert number_after("max \\|error\\|", out) < 1e-9
+
+
+def test_bad_input_exits_with_a_message(capsys):
+    code, _, err = run(capsys, "verify", "--stride", "3", "--patch-size", "4", "--image-size", "16")
+    assert code == 2 and "does not divide patch size" in err
+    with pytest.raises(SystemExit, match="holds 2 4-d tensors"):
+        path = "/tmp/two_kernels.safetensors"
+        save_file({"a": torch.zeros(1, 1, 3, 3), "b": torch.zeros(1, 1, 3, 3)}, path)
+        main(["verify", "--weights", path])
+
+
+def test_console_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "cmhsa", "verify", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--bias-strength" in out.stdout and "--no-null-key" in out.stdout

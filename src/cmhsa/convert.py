@@ -51,11 +51,13 @@ class ConvGeometry:
         K, P, Q = self.kernel_size[axis], self.patch_size[axis], self.out_patch_size[axis]
         s, dil, pad = self.stride[axis], self.dilation[axis], self.pad_before[axis]
         # input position, relative to the query patch's first pixel, read by tap a for output pixel u_out
-        pos = s * torch.arange(Q)[:, None] + dil * torch.arange(K)[None, :] - pad  # (Q, K)
+        # index arithmetic on the CPU, whatever device context the caller is in (e.g. meta during conversion)
+        arange = lambda n: torch.arange(n, device="cpu")  # noqa: E731
+        pos = s * arange(Q)[:, None] + dil * arange(K)[None, :] - pad  # (Q, K)
         patch_offset = torch.div(pos, P, rounding_mode="floor")
         offsets, which = torch.unique(patch_offset, return_inverse=True)
-        taps = torch.zeros(len(offsets), P, Q, K)
-        u_out, a = torch.meshgrid(torch.arange(Q), torch.arange(K), indexing="ij")
+        taps = torch.zeros(len(offsets), P, Q, K, device="cpu")
+        u_out, a = torch.meshgrid(arange(Q), arange(K), indexing="ij")
         taps[which, pos - P * patch_offset, u_out, a] = 1.0
         return offsets, taps
 

@@ -1,0 +1,305 @@
+"""CMHSA: a ViT whose token mixer is a convolution (phase 1) or, after exact conversion, a RelPosMHSA (phase 2).
+
+Paper §4: pre-LN blocks, no class token, global average pooling -> norm -> linear head. A token is a patch of a
+pixel map (``D = P*P*c``), so the convolution mixer acts on the pixel map the tokens form and converts to MHSA by
+Theorem 1. ``embed='identity'`` is the paper (``c = C_in``, patch projection initialised to, and in phase 1 fixed
+at, the identity); ``embed='pixel'`` lifts each pixel ``C_in -> pixel_dim`` with a 1x1 conv before patchify, so small
+images get width without upsampling.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .attention import RelPosMHSA
+from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
+from .tokens import image_to_tokens, to_pair, tokens_to_image
+
+__all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "MODEL_CONFIGS"]
+
+
+class PatchEmbed(nn.Module):
+    """Image (B, C_in, H, W) -> tokens (B, N, P*P*c), optionally after a per-pixel lift C_in -> c, then a linear
+    projection initialised to the identity (frozen when ``fix_proj``)."""
+
+    def __init__(self, img_size, patch_size, in_chans: int, embed: str = "identity", pixel_dim: Optional[int] = None,
+                 fix_proj: bool = True):
+        super().__init__()
+        if embed not in ("identity", "pixel"):
+            raise ValueError(f"embed must be 'identity' or 'pixel', got {embed!r}")
+        self.img_size = to_pair(img_size, "img_size")
+        self.patch_size = to_pair(patch_size, "patch_size")
+        for a in (0, 1):
+            if self.img_size[a] % self.patch_size[a]:
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if embed == "pixel":
+            if not pixel_dim:
+                raise ValueError("embed='pixel' needs pixel_dim (channels per pixel after the 1x1 lift)")
+            self.lift = nn.Conv2d(in_chans, pixel_dim, 1)
+            self.pixel_dim = pixel_dim
+        else:
+            self.lift = nn.Identity()
+            self.pixel_dim = in_chans
+        self.embed_dim = self.patch_size[0] * self.patch_size[1] * self.pixel_dim
+        self.proj = nn.Linear(self.embed_dim, self.embed_dim)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(self.embed_dim))
+            self.proj.bias.zero_()
+        self.proj.requires_grad_(not fix_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, N, D)"""
+        if x.shape[-2:] != self.img_size:
+            raise ValueError(f"input is {tuple(x.shape[-2:])} but the model was built for img_size {self.img_size}")
+        return self.proj(image_to_tokens(self.lift(x), self.patch_size))
+
+
+class ConvMixer(nn.Module):
+    """Tokens (B, N, P*P*c) -> the pixel map (B, c, H, W) they form -> zero-'same'-padded KxK conv -> tokens."""
+
+    def __init__(self, pixel_dim: int, kernel_size: int, patch_size, grid_size):
+        super().__init__()
+        self.patch_size = to_pair(patch_size, "patch_size")
+        self.grid_size = to_pair(grid_size, "grid_size")
+        self.conv = nn.Conv2d(pixel_dim, pixel_dim, kernel_size, padding="same")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D)"""
+        x = tokens_to_image(x, self.patch_size, self.grid_size)
+        return image_to_tokens(self.conv(x), self.patch_size)
+
+
+class Block(nn.Module):
+    """Pre-LN block: ``x + mixer(LN(x))``, then ``x + FFN(LN(x))``, with stochastic depth."""
+
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.mixer = mixer
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.mixer(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class CMHSA(nn.Module):
+    """The CMHSA model of paper §4, in its convolution phase (``mixer='conv'``) or attention phase (``'attn'``).
+
+    Input (B, in_chans, img_size, img_size) -> logits (B, num_classes). ``num_heads=None`` uses the heads the
+    construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``); ``head_dim=None`` is the
+    token width ``D``, as in the paper.
+    """
+
+    def __init__(
+            self,
+            img_size=224,
+            patch_size=16,
+            in_chans: int = 3,
+            num_classes: int = 100,
+            embed: str = "identity",
+            pixel_dim: Optional[int] = None,
+            depth: int = 6,
+            mixer: str = "conv",
+            kernel_size: int = 5,
+            num_heads: Optional[int] = None,
+            head_dim: Optional[int] = None,
+            mlp_ratio: float = 4.0,
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            bias_strength: float = DEFAULT_BIAS_STRENGTH,
+            null_key: bool = True,
+            fix_embed: Optional[bool] = None,
+            **kwargs,
+    ):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"CMHSA got unexpected arguments {sorted(kwargs)}")
+        if mixer not in ("conv", "attn"):
+            raise ValueError(f"mixer must be 'conv' (phase 1) or 'attn' (phase 2), got {mixer!r}")
+        # the paper fixes the patch projection to the identity in the convolution phase only
+        fix_embed = (mixer == "conv") if fix_embed is None else fix_embed
+        self.config: Dict[str, Any] = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, embed=embed,
+            pixel_dim=pixel_dim, depth=depth, mixer=mixer, kernel_size=kernel_size, num_heads=num_heads,
+            head_dim=head_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, bias_strength=bias_strength,
+            null_key=null_key, fix_embed=fix_embed,
+        )
+        self.num_classes = num_classes
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed)
+        dim = self.num_features = self.embed_dim = self.patch_embed.embed_dim
+        grid, patch = self.patch_embed.grid_size, self.patch_embed.patch_size
+        self.num_heads = num_heads or required_heads(kernel_size, patch)
+        self.head_dim = head_dim or dim
+
+        def make_mixer() -> nn.Module:
+            if mixer == "conv":
+                return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid)
+            return RelPosMHSA(dim, self.num_heads, self.head_dim, grid, null_key=null_key,
+                              attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
+        self.blocks = nn.Sequential(*[
+            Block(dim, make_mixer(), mlp_ratio, drop_path=dpr[i], proj_drop=proj_drop_rate) for i in range(depth)
+        ])
+        self.fc_norm = nn.LayerNorm(dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        # timm's ViT init for linear layers; the identity patch projection is left as it is
+        if isinstance(m, nn.Linear) and m is not self.patch_embed.proj:
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {n for n, _ in self.named_parameters() if n.endswith(("rel_pos_bias", "null_bias"))}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> tokens (B, N, D)"""
+        return self.blocks(self.patch_embed(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """tokens (B, N, D) -> logits (B, num_classes), pooled features if ``pre_logits``"""
+        x = self.head_drop(self.fc_norm(x.mean(dim=1)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@torch.no_grad()
+def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGTH, null_key: bool = True,
+                  fix_embed: bool = False, **overrides) -> CMHSA:
+    """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
+
+    Every weight outside the token mixers is copied; each conv mixer becomes a RelPosMHSA by :func:`conv_to_mhsa`.
+    ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch projection is
+    trainable in phase 2 unless ``fix_embed``.
+    """
+    if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
+        raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
+    forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
+                 "num_classes", "head_dim", "mixer"} & set(overrides)
+    if forbidden:
+        raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
+    config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,
+                  fix_embed=fix_embed, **overrides)
+    with torch.device("meta"):
+        attn_model = CMHSA(**config)
+    attn_model = attn_model.to_empty(device=_device_of(conv_model)).to(_dtype_of(conv_model))
+    state = {k: v for k, v in conv_model.state_dict().items() if ".mixer." not in k}
+    missing, unexpected = attn_model.load_state_dict(state, strict=False)
+    assert not unexpected and all(".mixer." in k for k in missing), (missing, unexpected)
+    patch, grid = attn_model.patch_embed.patch_size, attn_model.patch_embed.grid_size
+    for conv_block, attn_block in zip(conv_model.blocks, attn_model.blocks):
+        attn_block.mixer = conv_to_mhsa(conv_block.mixer.conv, patch, grid, bias_strength=bias_strength,
+                                        null_key=null_key, num_heads=attn_model.num_heads)
+        attn_block.mixer.attn_drop = config["attn_drop_rate"]
+        attn_block.mixer.proj_drop.p = config["proj_drop_rate"]
+    attn_model.patch_embed.proj.requires_grad_(not fix_embed)
+    attn_model.train(conv_model.training)
+    return attn_model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+@torch.no_grad()
+def transfer_error(conv_model: CMHSA, attn_model: CMHSA, x: torch.Tensor) -> Dict[str, Any]:
+    """How far the converted model is from the original on input ``x``: per-layer max |error| of the mixer outputs
+    (each fed the conv model's own mixer input) and max |error| of the logits, absolute and relative."""
+    conv_model.eval()
+    attn_model.eval()
+    inputs: List[torch.Tensor] = []
+    hooks = [b.mixer.register_forward_hook(lambda m, a, out: inputs.append((a[0], out)))
+             for b in conv_model.blocks]
+    try:
+        ref_logits = conv_model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = [(attn_block.mixer(a) - out).abs().max().item()
+              for attn_block, (a, out) in zip(attn_model.blocks, inputs)]
+    logits = attn_model(x)
+    err = (logits - ref_logits).abs().max().item()
+    return {"layer_errors": layers, "logits_error": err,
+            "logits_relative_error": err / max(ref_logits.abs().max().item(), 1e-30)}
+
+
+# --- timm registration ---------------------------------------------------------------------------------------------
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {"num_classes": 100, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 1.0,
+            "interpolation": "bicubic", "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762),
+            "first_conv": "patch_embed.proj", "classifier": "head", **kwargs}
+
+
+# name -> model arguments; "paper" sizes follow §4 (224 px, P = 16, D = 768, 6 layers, 9 heads of 768, FFN 3072),
+# "tiny" sizes are for 28-32 px grey or colour images on a CPU
+MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {}
+for _k in (3, 5):
+    for _mixer in ("conv", "attn"):
+        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_224"] = dict(
+            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, mixer=_mixer,
+            kernel_size=_k, num_heads=9, mlp_ratio=4.0)
+        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_tiny"] = dict(
+            img_size=28, patch_size=4, in_chans=1, num_classes=10, embed="pixel", pixel_dim=8, depth=6,
+            mixer=_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
+
+
+def _create(name: str, pretrained: bool = False, **kwargs) -> CMHSA:
+    if pretrained:
+        raise ValueError(f"{name}: no pretrained weights are published; train one with `cmhsa pipeline`")
+    return build_model_with_cfg(CMHSA, name, pretrained, **{**MODEL_CONFIGS[name], **kwargs})
+
+
+default_cfgs = generate_default_cfgs({
+    name: _cfg(num_classes=cfg["num_classes"], input_size=(cfg["in_chans"], cfg["img_size"], cfg["img_size"]),
+               **({} if cfg["img_size"] == 224 else {"mean": (0.2860,), "std": (0.3530,)}))
+    for name, cfg in MODEL_CONFIGS.items()
+})
+
+
+def _register(name: str) -> None:
+    def fn(pretrained: bool = False, **kwargs) -> CMHSA:
+        return _create(name, pretrained, **kwargs)
+    fn.__name__ = name
+    fn.__qualname__ = name
+    fn.__doc__ = f"CMHSA '{name}': {MODEL_CONFIGS[name]}"
+    fn.__module__ = __name__
+    register_model(fn)
+
+
+for _name in MODEL_CONFIGS:
+    _register(_name)

@@ -103,6 +103,107 @@ def cmd_bounds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_run_config(args: argparse.Namespace) -> dict:
+    from .config import load_config
+
+    overrides = list(args.set or [])
+    for flag, key in (("output", "output"), ("device", "train.device"), ("precision", "train.precision")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_config(args.config, overrides)
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    run_pipeline(_load_run_config(args), resume=not args.no_resume)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import init_distributed
+    from .config import save_config, train_config
+    from .pipeline import create_model, model_spec, run_dir, train_phase
+
+    config = _load_run_config(args)
+    init_distributed()
+    out = run_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.yaml")
+    spec = model_spec(config)
+    seed = train_config(config, args.phase, spec["kwargs"]["num_classes"]).seed
+    final = train_phase(create_model(spec, seed), spec, config, args.phase, out / "train",
+                        resume=not args.no_resume)
+    print(f"{spec['name']}: val top-1 {final['val_top1']:.2f}, top-5 {final['val_top5']:.2f}, "
+          f"loss {final['val_loss']:.4f}; checkpoints in {out / 'train'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import load_config
+    from .engine import TrainConfig, evaluate, resolve_device, resolve_precision
+    from .pipeline import build_loaders, load_model
+
+    model, spec, ckpt = load_model(args.checkpoint, which=args.which)
+    run_config = next((p / "config.yaml" for p in (ckpt.parent.parent, ckpt.parent) if (p / "config.yaml").exists()),
+                      None)
+    overrides = list(args.set or [])
+    for flag, key in (("dataset", "data.dataset"), ("data_dir", "data.data_dir")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    config = load_config(run_config, overrides + ["data.val_subset=null"] if args.full_val else overrides)
+    cfg = TrainConfig(device=args.device or "auto", precision=args.precision or "auto",
+                      num_classes=spec["kwargs"]["num_classes"])
+    _, val_loader, _ = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
+    device = resolve_device(cfg)
+    metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision),
+                       cfg.num_classes)
+    print(json.dumps({"checkpoint": str(ckpt), "model": spec["name"], "dataset": config["data"]["dataset"],
+                      "images": len(val_loader.dataset), **metrics}, indent=2))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors.torch import save_file
+
+    from .models import CMHSA, convert_model, transfer_error
+    from .pipeline import MODEL_SPEC_FILE, _spec_of_converted, load_model
+
+    model, spec, ckpt = load_model(args.checkpoint, which=args.which)
+    if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
+        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec['name']})")
+    model = model.double().eval()
+    attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key)
+    x = torch.randn(8, model.config["in_chans"], *model.patch_embed.img_size, dtype=torch.float64)
+    report = transfer_error(model, attn, x)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(out / "model.safetensors"))
+    (out / MODEL_SPEC_FILE).write_text(json.dumps(_spec_of_converted(attn), indent=2))
+    (out / "convert.json").write_text(json.dumps({"source": str(ckpt), **report}, indent=2))
+    print(f"converted {ckpt} -> {out / 'model.safetensors'} ({attn.num_heads} heads per layer)")
+    print(f"float64 check on random input: per-layer max error "
+          f"{', '.join(f'{e:.1e}' for e in report['layer_errors'])}; logits error {report['logits_error']:.2e}")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="YAML preset (see configs/); without it the built-in defaults are used")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                   help="override config values, e.g. --set phase1.epochs=3 data.train_subset=1000 (YAML values)")
+    p.add_argument("--output", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
+                   help="auto = bf16 autocast on CPUs with AMX/AVX512-BF16, AMP on CUDA (default: auto)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start again even if the run directory holds checkpoints (default: resume)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .convert import DEFAULT_BIAS_STRENGTH
 
@@ -133,6 +234,46 @@ def build_parser() -> argparse.ArgumentParser:
                                    "relative error reachable with 1, 2, ... heads (Eckart-Young).")
     _add_conv_args(p)
     p.set_defaults(func=cmd_bounds)
+
+    p = sub.add_parser("pipeline", help="phase 1 (conv) -> exact conversion -> phase 2 (attention) -> report",
+                       description="Train the convolution phase of a CMHSA model, convert it exactly into "
+                                   "self-attention (printing the transfer error), train the attention phase, and "
+                                   "write metrics, checkpoints, curves.png and summary.md into the run directory. "
+                                   "Re-running the same command resumes.")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("train", help="train one model (any timm name, CMHSA or baseline) with a config",
+                       description="Train config.model with the settings of one phase into <run>/train/. Works "
+                                   "under torchrun --nproc_per_node=N -m cmhsa train ... (gloo on CPU).")
+    _add_run_args(p)
+    p.add_argument("--phase", choices=["phase1", "phase2"], default="phase1",
+                   help="which phase section of the config holds the training settings (default: phase1)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset",
+                       description="Evaluate a run, phase or checkpoint directory on the validation split of its "
+                                   "own config's dataset, or of --dataset.")
+    p.add_argument("checkpoint", type=Path, help="run dir, phase dir (runs/x/phase2) or checkpoint dir")
+    p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint in a phase dir")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the run's own)")
+    p.add_argument("--data-dir", default=None, help="dataset location (default: the run's own)")
+    p.add_argument("--full-val", action="store_true", help="evaluate on the whole validation split")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override the run's config, e.g. data.img_size=32")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="phase-1 checkpoint -> phase-2 checkpoint, with the verified error",
+                       description="Convert a trained CMHSA convolution checkpoint into the equivalent attention "
+                                   "model; writes model.safetensors, model.json and convert.json (float64 error).")
+    p.add_argument("checkpoint", type=Path, help="phase-1 dir or checkpoint dir (runs/x/phase1 or runs/x/phase1/last)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--which", choices=["last", "best"], default="last")
+    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
+    p.add_argument("--no-null-key", action="store_true", help="the paper's layer, without the null key")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -142,7 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

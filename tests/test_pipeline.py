@@ -1,0 +1,122 @@
+"""End to end: config -> phase 1 -> exact conversion -> phase 2 -> report, resume, eval/convert/train commands."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_fixture import make_cifar100
+from cmhsa.cli import main
+from cmhsa.config import apply_overrides, load_config, train_config
+from cmhsa.pipeline import load_model, run_pipeline
+from cmhsa.plots import read_metrics
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+# a CMHSA on sklearn's 8x8 digits: 2 layers, 2x2 patches of 8 pixel channels (D = 32), 3x3 conv
+TINY = [
+    "data.dataset=digits", "data.img_size=8", "data.val_subset=null", "data.train_subset=null",
+    "model.name=cmhsa3_conv_tiny", "model.kwargs={patch_size: 2, pixel_dim: 8, depth: 2, mlp_ratio: 2.0}", "data.augment=none",
+    "train.batch_size=64", "train.precision=fp32", "train.lr=3.0e-3",
+    "phase1.epochs=3", "phase2.epochs=1", "phase2.lr=1.0e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = load_config(None, TINY + [f"output={out}", "name=tiny"])
+    summary = run_pipeline(config, progress=False)
+    return out, config, summary
+
+
+def test_run_directory_holds_everything(run):
+    out, _, summary = run
+    for f in ("config.yaml", "convert.json", "summary.json", "summary.md", "curves.png",
+              "phase1/metrics.jsonl", "phase1/model.json", "phase1/last/model.safetensors",
+              "phase2/metrics.jsonl", "phase2/best/model.safetensors"):
+        assert (out / f).exists(), f
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(read_metrics(out / "phase1/metrics.jsonl")) == 3 and len(read_metrics(out / "phase2/metrics.jsonl")) == 1
+    assert "| 2: self-attention |" in (out / "summary.md").read_text()
+    assert summary["phase2"]["params"] > summary["phase1"]["params"]
+
+
+def test_conversion_is_exact_and_keeps_accuracy(run):
+    out, _, _ = run
+    t = json.loads((out / "convert.json").read_text())
+    assert t["float64"]["logits_error"] <= 1e-8
+    assert t["float32"]["logits_relative_error"] <= 1e-4
+    n_val = 359  # digits' fixed 20% split
+    assert abs(t["val_after_conversion"]["top1"] - t["val_before_conversion"]["val_top1"]) <= 100 / n_val + 1e-6
+
+
+def test_training_learns_something(run):
+    _, _, summary = run
+    assert summary["phase1"]["val_top1"] > 30  # 10 classes: chance is 10%
+
+
+def test_rerun_resumes_without_retraining(run):
+    out, config, _ = run
+    before = (out / "phase2/metrics.jsonl").read_text()
+    run_pipeline(config, progress=False)
+    assert (out / "phase2/metrics.jsonl").read_text() == before
+
+
+def test_eval_and_convert_commands(run, capsys, tmp_path):
+    out, _, summary = run
+    assert main(["eval", str(out / "phase2"), "--device", "cpu", "--precision", "fp32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] == pytest.approx(summary["phase2"]["val_top1"], abs=1e-6)
+    assert main(["convert", str(out / "phase1"), "--out", str(tmp_path / "conv")]) == 0
+    capsys.readouterr()
+    conv = json.loads((tmp_path / "conv/convert.json").read_text())
+    assert conv["logits_error"] <= 1e-8
+    model, spec, _ = load_model(tmp_path / "conv")
+    assert spec["name"] == "cmhsa3_attn_tiny" and model.config["mixer"] == "attn"
+
+
+def test_train_command_for_a_timm_baseline(tmp_path, capsys):
+    args = ["train", "--output", str(tmp_path), "--set", *TINY[:4], "model.name=vit_tiny_patch16_224",
+            "model.kwargs={patch_size: 2, embed_dim: 32, depth: 1, num_heads: 2}", "phase1.epochs=1",
+            "train.precision=fp32", "phase1.max_steps_per_epoch=2"]
+    assert main(args) == 0
+    assert "val top-1" in capsys.readouterr().out
+    assert (tmp_path / "train/last/model.safetensors").exists()
+
+
+def test_config_overrides_and_errors(tmp_path):
+    c = apply_overrides(load_config(CONFIGS / "fmnist_tiny.yaml"), ["phase1.epochs=3", "data.train_subset=0.5"])
+    assert c["phase1"]["epochs"] == 3 and c["data"]["train_subset"] == 0.5
+    assert train_config(c, "phase1", 10).epochs == 3 and train_config(c, "phase2", 10).warmup_epochs == 0
+    with pytest.raises(ValueError, match="unknown training settings"):
+        train_config(apply_overrides(c, ["phase1.epoch=3"]), "phase1", 10)
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides(c, ["phase1.epochs"])
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match="model.json"):
+        load_model(tmp_path)
+
+
+def test_pipeline_rejects_non_cmhsa_models(tmp_path):
+    config = load_config(None, TINY + [f"output={tmp_path}", "model.name=vit_tiny_patch16_224",
+                                       "model.kwargs={patch_size: 2}"])
+    with pytest.raises(ValueError, match="CMHSA convolution model"):
+        run_pipeline(config, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_paper_cifar100_config_runs_one_step(tmp_path, kernel):
+    """The paper-scale preset, end to end on a CIFAR-100 fixture in the official format: one step per phase."""
+    make_cifar100(tmp_path / "cifar", n_train=4, n_test=2)
+    config = load_config(CONFIGS / f"cifar100_cmhsa{kernel}_paper.yaml", [
+        f"output={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'cifar'}", "data.num_workers=0",
+        "train.batch_size=2", "phase1.epochs=1", "phase2.epochs=1", "train.max_steps_per_epoch=1",
+        "train.mixup=0.0", "train.cutmix=0.0", "train.device=cpu", "train.warmup_epochs=0",
+    ])
+    summary = run_pipeline(config, progress=False)
+    assert summary["phase2"]["params"] > 100e6  # 9 heads of 768 on D = 768, 6 layers
+    assert json.loads((tmp_path / "run/convert.json").read_text())["float32"]["logits_relative_error"] < 1e-3
+    assert torch.isfinite(torch.tensor(summary["phase2"]["val_loss"]))

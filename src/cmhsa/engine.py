@@ -1,0 +1,633 @@
+"""Training engine: a small-library take on timm's ``train.py``.
+
+The building blocks (:func:`train_one_epoch`, :func:`evaluate`, the ``build_*`` helpers) can be used on their
+own; :func:`fit` ties them together with checkpointing, exact resume, metrics logging and DDP.
+
+Determinism and exact resume
+    :func:`fit` makes every epoch a pure function of ``(cfg.seed, epoch, rank)`` and the state saved at the end
+    of the previous epoch: before each epoch it re-seeds the global torch / numpy / python RNGs (dropout, Mixup,
+    augmentations) from ``(seed, epoch, rank)``, re-seeds the train loader's shuffling generator with
+    ``loader.generator.manual_seed(seed + epoch)`` when it has one, and calls ``sampler.set_epoch(epoch)`` when
+    the sampler has it (``DistributedSampler``). A run stopped after epoch k and resumed therefore replays
+    epochs k+1.. bit for bit like an uninterrupted run (given deterministic kernels and data loading, e.g.
+    fp32 with ``num_workers=0``), on every DDP rank. Checkpoints are written at epoch ends only.
+
+Distributed training
+    Call :func:`init_distributed` first (it reads the environment ``torchrun`` sets). :func:`fit` then wraps the
+    model in ``DistributedDataParallel``, all-reduces the reported metrics, and writes files on rank 0 only.
+    Give the train loader a ``DistributedSampler``; for exact validation metrics give the val loader a
+    ``DistributedSampler(shuffle=False)`` and a dataset size divisible by the world size (the sampler pads the
+    last shard with repeated samples otherwise).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, get_optimizer_info
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad, unwrap_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from .checkpoint import has_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
+
+__all__ = [
+    "TrainConfig",
+    "resolve_device",
+    "resolve_precision",
+    "autocast_context",
+    "seed_everything",
+    "init_distributed",
+    "is_main_process",
+    "steps_per_epoch",
+    "build_optimizer",
+    "build_scheduler",
+    "build_loss",
+    "train_one_epoch",
+    "evaluate",
+    "fit",
+]
+
+_LOGGER = logging.getLogger(__name__)
+
+_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Config fields that may change between a run and its resume without changing the results.
+_RESUME_FREE_FIELDS = frozenset({"device", "compile", "log_interval"})
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit`; names follow timm's ``train.py`` flags."""
+
+    epochs: int = 10
+    batch_size: int = 128  # for callers building loaders; fit uses the loaders it is given
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    opt_betas: tuple = (0.9, 0.999)  # only passed to optimizers that take betas
+    warmup_epochs: int = 0  # linear warm-up, counted within epochs
+    warmup_lr: float = 1e-6
+    sched: str = "cosine"  # any timm scheduler except 'plateau'; 'none' keeps lr constant
+    clip_grad: Optional[float] = 1.0  # max grad norm; None or 0 disables clipping
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # mixup alpha; 0 -> off
+    cutmix: float = 0.0  # cutmix alpha; 0 -> off (needs image batches N, C, H, W)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    ema_decay: Optional[float] = None  # ModelEmaV3 when set
+    precision: str = "auto"  # "auto", "bf16", "fp16", "fp32", see resolve_precision
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    log_interval: int = 50  # steps between progress-bar updates (and non-finite loss checks)
+    max_steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch, for smoke tests
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        self.opt_betas = tuple(self.opt_betas)  # a list from YAML/JSON must compare equal on resume
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.sched == "plateau":
+            raise ValueError("sched='plateau' is not supported (fit schedules per update); use e.g. 'cosine'")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """``cfg.device`` as a ``torch.device``; "auto" -> ``cuda:LOCAL_RANK`` if CUDA is available, else cpu."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} but CUDA is not available; use device='cpu' or 'auto'")
+        if device.index is None:  # one GPU per DDP process
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def _cpu_has_fast_bf16() -> bool:
+    # These private probes exist in current torch; get_cpu_capability() only reports the vector ISA
+    # ("AVX512"), not bf16 support, so it cannot answer this on its own.
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(device: Union[str, torch.device], precision: str) -> str:
+    """Resolve ``precision`` to "bf16", "fp16" or "fp32" for ``device``.
+
+    "auto" picks bf16 on CPUs with native bf16 (AMX or AVX512-BF16) and on CUDA GPUs that support it, fp16 on
+    older GPUs, fp32 elsewhere. An explicit "bf16"/"fp16" is honoured even where it is slow.
+    """
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and _cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_context(device: Union[str, torch.device], precision: str) -> ContextManager:
+    """Autocast context for ``precision`` on ``device`` ("fp32" -> a no-op context).
+
+    fp16 additionally needs a ``torch.amp.GradScaler`` around backward/step; :func:`fit` creates one.
+    """
+    device = torch.device(device)
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[precision])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python ``random``, numpy's global RNG and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs and on global rank 0."""
+    return not _distributed() or dist.get_rank() == 0
+
+
+def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
+    """Join the process group described by torchrun's environment; returns ``(rank, world_size, local_rank)``.
+
+    Without ``RANK`` / ``WORLD_SIZE`` in the environment (not launched by torchrun) this is a no-op returning
+    ``(0, 1, 0)``. The backend defaults to nccl when CUDA is available (and the process is pinned to GPU
+    ``LOCAL_RANK``), gloo otherwise. Calling it again once initialised just returns the ranks.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)  # env:// reads MASTER_ADDR / MASTER_PORT
+    return rank, world_size, local_rank
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+# ----------------------------------------------------------------------------------------- components
+
+
+def steps_per_epoch(loader: DataLoader, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: ``len(loader)`` capped by ``cfg.max_steps_per_epoch``."""
+    num_batches = len(loader)
+    if num_batches == 0:
+        raise ValueError("the train loader yields no batches; check the dataset size, batch_size and drop_last")
+    if cfg.max_steps_per_epoch is None:
+        return num_batches
+    return min(num_batches, cfg.max_steps_per_epoch)
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, param_groups_fn: Optional[Callable[[nn.Module], Any]] = None
+) -> torch.optim.Optimizer:
+    """timm optimizer ``cfg.opt``; biases and norm weights get no weight decay unless ``param_groups_fn`` is given.
+
+    ``param_groups_fn(model)`` may return custom param groups (e.g. a lower lr for pretrained parts).
+    """
+    kwargs = {"betas": cfg.opt_betas} if get_optimizer_info(cfg.opt).has_betas else {}
+    return create_optimizer_v2(
+        model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, param_group_fn=param_groups_fn, **kwargs
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):
+    """timm lr scheduler stepped per optimizer update (``scheduler.step_update``); None for ``sched='none'``.
+
+    The lr starts at ``cfg.warmup_lr``, rises linearly to ``cfg.lr`` over ``cfg.warmup_epochs``, then follows
+    the schedule from ``cfg.lr`` down to ``cfg.min_lr`` over the remaining epochs, reaching it at the end of
+    training (``cfg.epochs`` in total, warm-up included).
+    """
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        # The decay starts after the warm-up (warmup_prefix) rather than already running during it, so the
+        # lr peaks at exactly cfg.lr with no drop after warm-up; the total stays cfg.epochs.
+        num_epochs=cfg.epochs - cfg.warmup_epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_prefix=True,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def build_loss(cfg: TrainConfig) -> Tuple[nn.Module, Optional[Mixup]]:
+    """``(train loss, mixup_fn)``.
+
+    Mixup/CutMix on -> ``SoftTargetCrossEntropy`` with label smoothing folded into Mixup's soft targets;
+    otherwise ``LabelSmoothingCrossEntropy`` (``label_smoothing > 0``) or plain cross-entropy.
+    """
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup_fn = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            label_smoothing=cfg.label_smoothing,
+            num_classes=cfg.num_classes,
+        )
+        return SoftTargetCrossEntropy(), mixup_fn
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def _mean_lr(optimizer: torch.optim.Optimizer) -> float:
+    groups = optimizer.param_groups
+    return sum(group["lr"] for group in groups) / len(groups)
+
+
+# --------------------------------------------------------------------------------------- train / eval
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    cfg: TrainConfig,
+    epoch: int,
+    scheduler: Any = None,
+    mixup_fn: Optional[Mixup] = None,
+    ema: Optional[ModelEmaV3] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = True,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> Dict[str, float]:
+    """Train ``model`` for one epoch (at most ``steps_per_epoch(loader, cfg)`` optimizer steps).
+
+    Forward under autocast (``cfg.precision``), loss in fp32, gradient clipping to ``cfg.clip_grad``, the
+    scheduler stepped per update with the global update count ``epoch * steps + step + 1``, EMA updated
+    after every step. Pass ``scaler`` for fp16. Shuffling/seeding per epoch is the caller's job (see
+    :func:`fit`). ``device`` defaults to the model's.
+
+    Returns:
+        ``train_loss`` (mean batch loss, averaged over DDP ranks), ``lr`` (mean over param groups, as used by
+        the epoch's last update), ``epoch_seconds``, ``images_per_second`` (all ranks together), ``steps``.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    num_steps = steps_per_epoch(loader, cfg)
+    precision = resolve_precision(device, cfg.precision)
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
+    lr, steps, samples = _mean_lr(optimizer), 0, 0
+    bar = tqdm(
+        total=num_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+        disable=not (progress and is_main_process()),
+    )
+    start = time.perf_counter()
+    for images, targets in itertools.islice(loader, num_steps):
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            if len(images) % 2:
+                raise ValueError(
+                    f"Mixup/CutMix needs even batch sizes, got a batch of {len(images)}; "
+                    f"use an even batch_size and drop_last=True on the train loader"
+                )
+            images, targets = mixup_fn(images, targets)
+        with autocast_context(device, precision):
+            output = model(images)
+        loss = loss_fn(output.float(), targets)
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                dispatch_clip_grad(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if cfg.clip_grad:
+                dispatch_clip_grad(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+
+        steps += 1
+        samples += len(images)
+        num_updates = epoch * num_steps + steps
+        lr = _mean_lr(optimizer)  # the lr this update used, before the scheduler moves it
+        if scheduler is not None:
+            scheduler.step_update(num_updates=num_updates)
+        if ema is not None:
+            ema.update(unwrap_model(model), step=num_updates)
+        loss_sum += loss.detach()
+
+        bar.update()
+        if steps % cfg.log_interval == 0 or steps == num_steps:
+            running_loss = loss_sum.item() / steps
+            if not math.isfinite(running_loss):
+                raise FloatingPointError(
+                    f"non-finite training loss at epoch {epoch} step {steps}; "
+                    f"lower lr, enable clip_grad, or try precision='fp32'"
+                )
+            bar.set_postfix(loss=f"{running_loss:.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    totals = _all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(steps), loss_sum.new_tensor(samples)]))
+    return {
+        "train_loss": (totals[0] / totals[1]).item(),
+        "lr": lr,
+        "epoch_seconds": seconds,
+        "images_per_second": totals[2].item() / seconds,
+        "steps": steps,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: Optional[Union[str, torch.device]] = None,
+    precision: str = "auto",
+    num_classes: Optional[int] = None,
+) -> Dict[str, float]:
+    """Cross-entropy loss and top-1 / top-k accuracy (percent) over the whole loader.
+
+    Sums are accumulated per sample and all-reduced across DDP ranks, so the result is the exact average over
+    every sample seen by any rank (not an average of batch or rank averages). k = min(5, num_classes);
+    ``num_classes`` defaults to the width of the model output. ``device`` defaults to the model's.
+
+    Returns:
+        ``{"loss", "top1", "top5"}``.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    precision = resolve_precision(device, precision)
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, samples
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            output = model(images)
+        output = output.float()
+        if num_classes is not None and output.shape[1] != num_classes:
+            raise ValueError(f"the model outputs {output.shape[1]} classes but num_classes={num_classes}")
+        k = min(5, output.shape[1])
+        top1, top5 = accuracy(output, targets, topk=(1, k))  # percent of the batch
+        n = len(targets)
+        sums += torch.stack([
+            F.cross_entropy(output, targets, reduction="sum").double(),
+            top1.double() * n / 100,
+            top5.double() * n / 100,
+            sums.new_tensor(n),
+        ])
+    loss_sum, top1_sum, top5_sum, count = _all_reduce_sum(sums).tolist()
+    if count == 0:
+        raise ValueError("the evaluation loader yields no samples")
+    return {"loss": loss_sum / count, "top1": 100 * top1_sum / count, "top5": 100 * top5_sum / count}
+
+
+# -------------------------------------------------------------------------------------------------- fit
+
+
+def _derived_seed(seed: int, epoch: int, rank: int) -> int:
+    # SeedSequence mixes the three numbers well, so neighbouring (seed, epoch, rank) don't give related streams.
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
+    """Make the epoch's randomness a pure function of (seed, epoch, rank), so resume replays it exactly."""
+    seed_everything(_derived_seed(seed, epoch, rank))
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed + epoch)
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+
+
+def _check_resumable(extra: Dict[str, Any], phase: str, config: Dict[str, Any], path: Path) -> None:
+    if extra.get("phase") != phase:
+        raise ValueError(
+            f"{path} holds a checkpoint of phase {extra.get('phase')!r}, not {phase!r}; "
+            f"use one out_dir per phase, or resume=False to overwrite it"
+        )
+    saved = extra["config"]
+    changed = [
+        f"{name}: {saved.get(name)!r} -> {value!r}"
+        for name, value in config.items()
+        if name not in _RESUME_FREE_FIELDS and saved.get(name) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume from {path}: the config changed ({'; '.join(changed)}), so the run would not "
+            f"continue the one checkpointed. Restore those values, or pass resume=False or a new out_dir "
+            f"to start over"
+        )
+
+
+def _truncate_metrics(path: Path, phase: str, last_epoch: int) -> None:
+    """Drop ``phase`` lines after ``last_epoch`` (epochs that will be re-run) and torn lines, atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a crash mid-write
+            continue
+        if not (record.get("phase") == phase and record.get("epoch", -1) > last_epoch):
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: Dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    cfg: TrainConfig,
+    out_dir: Union[str, Path],
+    resume: bool = True,
+    phase: str = "train",
+    on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+    param_groups_fn: Optional[Callable[[nn.Module], Any]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train ``model`` for ``cfg.epochs`` epochs with checkpointing and exact resume; returns the final metrics.
+
+    ``model`` is trained in place (moved to the resolved device; pass it unwrapped, DDP and compile are
+    applied here). After each epoch it is evaluated on ``val_loader`` (and so is the EMA model when
+    ``cfg.ema_decay`` is set), and rank 0 appends a line to ``out_dir/metrics.jsonl`` and writes the
+    checkpoints ``out_dir/last/`` (everything needed to resume) and ``out_dir/best/`` (weights with the best
+    val top-1 so far, plus its metrics), see :mod:`cmhsa.checkpoint`.
+
+    With ``resume`` and a checkpoint in ``out_dir/last/``, training continues after its epoch, exactly as if
+    never interrupted; metrics lines of this phase for later epochs are dropped. A finished run loads its
+    final weights and returns its stored metrics without training. The checkpoint must come from the same
+    ``phase`` and config (only ``device``, ``compile`` and ``log_interval`` may differ), else ValueError.
+    Without ``resume`` any metrics lines of this phase are dropped and training starts from scratch.
+
+    Args:
+        phase: label written into every metrics line; use one ``out_dir`` per phase.
+        on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` on every rank after each epoch.
+        param_groups_fn: custom optimizer param groups, see :func:`build_optimizer`.
+        progress: show a tqdm bar and print a summary line per epoch (rank 0); otherwise the summary is
+            logged at INFO level.
+
+    Returns:
+        The last epoch's metrics line (``phase, epoch, train_loss, val_loss, val_top1, val_top5, lr,
+        epoch_seconds, images_per_second, wall_time`` [+ ``ema_val_loss, ema_val_top1, ema_val_top5``])
+        plus ``best_top1``, ``best_epoch`` and ``epochs_run`` (epochs trained by this call).
+    """
+    out_dir = Path(out_dir)
+    last_dir, best_dir, metrics_path = out_dir / "last", out_dir / "best", out_dir / "metrics.jsonl"
+    distributed = _distributed()
+    rank = dist.get_rank() if distributed else 0
+    main = rank == 0
+    if distributed and not isinstance(train_loader.sampler, DistributedSampler):
+        warnings.warn("distributed run without a DistributedSampler: every rank iterates the whole train set")
+
+    device = resolve_device(cfg)
+    precision = resolve_precision(device, cfg.precision)
+    model = unwrap_model(model).to(device)
+    train_model: nn.Module = model
+    if distributed:
+        # Construction broadcasts rank 0's weights, so the EMA copy made below starts identical on all ranks.
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    updates_per_epoch = steps_per_epoch(train_loader, cfg)
+    optimizer = build_optimizer(model, cfg, param_groups_fn)
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    loss_fn, mixup_fn = build_loss(cfg)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    config = asdict(cfg)
+
+    start_epoch, best = 0, {"best_top1": -math.inf, "best_epoch": -1}
+    if resume and has_checkpoint(last_dir):
+        _check_resumable(read_checkpoint_info(last_dir)["extra"], phase, config, last_dir)
+        restored = load_checkpoint(last_dir, model, optimizer, scheduler, ema, scaler=scaler)
+        extra = restored["extra"]
+        start_epoch = restored["epoch"] + 1
+        best = {"best_top1": extra["best_top1"], "best_epoch": extra["best_epoch"]}
+        if start_epoch >= cfg.epochs:
+            return {**extra["metrics"], **best, "epochs_run": 0}
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, phase, start_epoch - 1)
+
+    # Evaluation runs on the unwrapped model: no DDP collectives, so ranks may see different batch counts.
+    eval_model = model
+    if cfg.compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(model)
+
+    record: Dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        _seed_epoch(train_loader, cfg.seed, epoch, rank)
+        train = train_one_epoch(
+            train_model, train_loader, optimizer, loss_fn, cfg, epoch, scheduler=scheduler, mixup_fn=mixup_fn,
+            ema=ema, device=device, progress=progress, scaler=scaler,
+        )
+        val = evaluate(eval_model, val_loader, device, precision, cfg.num_classes)
+        record = {
+            "phase": phase,
+            "epoch": epoch,
+            "train_loss": train["train_loss"],
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "lr": train["lr"],
+            "epoch_seconds": train["epoch_seconds"],
+            "images_per_second": train["images_per_second"],
+            "wall_time": time.time(),  # unix time at the end of the epoch
+        }
+        if ema is not None:
+            ema_val = evaluate(ema.module, val_loader, device, precision, cfg.num_classes)
+            record.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
+        improved = val["top1"] > best["best_top1"]
+        if improved:
+            best = {"best_top1": val["top1"], "best_epoch": epoch}
+
+        if main:
+            # Metrics first: if we die before the checkpoint lands, resume drops this line and re-runs the epoch.
+            _append_jsonl(metrics_path, record)
+            if improved:
+                save_checkpoint(best_dir, model, ema=ema, epoch=epoch, extra={"phase": phase, "metrics": record})
+            save_checkpoint(
+                last_dir, model, optimizer, scheduler, ema, epoch=epoch, scaler=scaler,
+                extra={"phase": phase, "config": config, "metrics": record, **best},
+            )
+            summary = (
+                f"[{phase}] epoch {epoch + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
+                f"val_loss {record['val_loss']:.4f}  top1 {record['val_top1']:.2f}  top5 {record['val_top5']:.2f}  "
+                f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s"
+            )
+            if progress:
+                tqdm.write(summary)
+            else:
+                _LOGGER.info(summary)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+
+    if distributed:
+        dist.barrier()  # nobody returns before rank 0 has written the final checkpoint
+    return {**record, **best, "epochs_run": cfg.epochs - start_epoch}

@@ -161,3 +161,19 @@ def test_unsupported_convolutions_raise(conv, P, match):
 def test_verify_rejects_image_not_divisible():
     with pytest.raises(ValueError, match="not divisible by patch size"):
         verify(nn.Conv2d(1, 1, 3, padding=1), 4, 30)
+
+
+def test_zero_qk_is_stationary_and_qk_std_breaks_it_while_staying_exact():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 2, 3, padding="same").double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    D, H = 32, 9
+    zero = conv_to_mhsa(conv, 4, (3, 3), bias_strength=2.0)
+    zero(x).square().sum().backward()
+    assert torch.all(zero.qkv.weight.grad[:2 * H * D] == 0)  # W_Q, W_K can never move from 0
+    rand = conv_to_mhsa(conv, 4, (3, 3), bias_strength=2.0, qk_std=0.02)
+    rand(x).square().sum().backward()
+    assert rand.qkv.weight.grad[:2 * H * D].abs().sum() > 0
+    exact = conv_to_mhsa(conv, 4, (3, 3), qk_std=0.02)  # default beta: still the convolution
+    images = torch.randn(2, 2, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(exact(image_to_tokens(images, 4)), image_to_tokens(conv(images), 4), rtol=0, atol=1e-9)

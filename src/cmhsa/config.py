@@ -36,6 +36,7 @@ DEFAULTS: Dict[str, Any] = {
     "convert": {
         "bias_strength": DEFAULT_BIAS_STRENGTH,
         "null_key": True,
+        "qk_std": 0.0,  # > 0 starts W_Q, W_K small and random so content attention can be learned in phase 2
         "kwargs": {},  # training-only settings of the attention model, e.g. drop_path_rate
     },
     "train": {},

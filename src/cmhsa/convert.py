@@ -188,6 +188,7 @@ def conv_to_mhsa(
         bias_strength: float = DEFAULT_BIAS_STRENGTH,
         null_key: bool = True,
         num_heads: Optional[int] = None,
+        qk_std: float = 0.0,
 ) -> RelPosMHSA:
     """Build a :class:`RelPosMHSA` computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
 
@@ -195,6 +196,10 @@ def conv_to_mhsa(
     One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head);
     ``num_heads`` pads with inert heads to a fixed count. ``bias_strength`` (beta) sets the error, ~N*exp(-beta/2)
     with the null key: large is exact, small leaves the softmax trainable. The module has conv's dtype and device.
+
+    ``qk_std > 0`` draws ``W_Q, W_K ~ N(0, qk_std^2)`` instead of zeros. ``W_Q = W_K = 0`` is a stationary point: the
+    gradient of each is proportional to the other, so content attention could never be learned from it. Small
+    random values perturb the logits by far less than ``beta / 2``, so the conversion stays exact to ~exp(-beta/2).
     """
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size")
@@ -216,9 +221,11 @@ def conv_to_mhsa(
     mhsa = mhsa.to_empty(device=conv.weight.device).to(conv.weight.dtype)
     mhsa.reset_rel_pos_index()
     with torch.no_grad():
-        # W_Q = W_K = 0: attention is purely positional; W_V = I in every head
+        # W_Q = W_K = 0 (or small, see qk_std): attention is positional; W_V = I in every head
         mhsa.qkv.weight.zero_()
         mhsa.qkv.bias.zero_()
+        if qk_std > 0:
+            mhsa.qkv.weight[:2 * heads * dim].normal_(0.0, qk_std)
         mhsa.qkv.weight[2 * heads * dim:] = torch.eye(dim).repeat(heads, 1)
         # W_O: head h applies T_{d_h}; inert padding heads get zero blocks
         proj = torch.zeros(heads, dim, out_dim).to(blocks)

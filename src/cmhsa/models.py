@@ -195,12 +195,13 @@ class CMHSA(nn.Module):
 
 @torch.no_grad()
 def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGTH, null_key: bool = True,
-                  fix_embed: bool = False, **overrides) -> CMHSA:
+                  fix_embed: bool = False, qk_std: float = 0.0, **overrides) -> CMHSA:
     """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
 
     Every weight outside the token mixers is copied; each conv mixer becomes a RelPosMHSA by :func:`conv_to_mhsa`.
     ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch projection is
-    trainable in phase 2 unless ``fix_embed``.
+    trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than at the
+    stationary point 0 (see :func:`conv_to_mhsa`).
     """
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
@@ -219,7 +220,7 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     patch, grid = attn_model.patch_embed.patch_size, attn_model.patch_embed.grid_size
     for conv_block, attn_block in zip(conv_model.blocks, attn_model.blocks):
         attn_block.mixer = conv_to_mhsa(conv_block.mixer.conv, patch, grid, bias_strength=bias_strength,
-                                        null_key=null_key, num_heads=attn_model.num_heads)
+                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std)
         attn_block.mixer.attn_drop = config["attn_drop_rate"]
         attn_block.mixer.proj_drop.p = config["proj_drop_rate"]
     attn_model.patch_embed.proj.requires_grad_(not fix_embed)

@@ -115,7 +115,8 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: Dict[str, Any], 
 def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) -> Tuple[CMHSA, Dict[str, Any]]:
     """Convert phase 1 -> phase 2 and measure the transfer error in float64 (exactness) and float32."""
     c = config["convert"]
-    kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], **c.get("kwargs", {}))
+    kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
+              **c.get("kwargs", {}))
     conv_model = conv_model.cpu().float().eval()
     attn_model = convert_model(conv_model, **kw)
     conv64 = CMHSA(**conv_model.config).double()
@@ -123,7 +124,7 @@ def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) ->
     report = {
         "float64": transfer_error(conv64, convert_model(conv64, **kw), sample.double()),
         "float32": transfer_error(conv_model, attn_model, sample.float()),
-        "bias_strength": c["bias_strength"], "null_key": c["null_key"],
+        "bias_strength": c["bias_strength"], "null_key": c["null_key"], "qk_std": c.get("qk_std", 0.0),
     }
     return attn_model, report
 

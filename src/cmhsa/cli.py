@@ -191,6 +191,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import load_experiment, run_experiment
+
+    config = args.config or Path("configs/experiments") / f"{args.name}.yaml"
+    spec = load_experiment(config)
+    if spec["name"] != args.name:
+        raise ValueError(f"{config} defines experiment {spec['name']!r}, not {args.name!r}")
+    out = run_experiment(spec, budget=args.budget, seeds=args.seeds, results_root=args.results,
+                         runs_root=args.runs, only=args.cells)
+    print(f"results in {out}; `cmhsa report {args.results}` writes the report")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="YAML preset (see configs/); without it the built-in defaults are used")
@@ -274,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
     p.add_argument("--no-null-key", action="store_true", help="the paper's layer, without the null key")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("experiment", help="run a grid of resumable runs (table1, warmup, efficiency, ablations)",
+                       description="Run every unfinished cell of an experiment grid; finished cells are skipped, "
+                                   "interrupted ones resume. Results (JSON per cell) go to results/<name>/, "
+                                   "checkpoints to runs/experiments/ (not committed).")
+    p.add_argument("name", help="experiment name, e.g. table1")
+    p.add_argument("--config", type=Path, default=None, help="default: configs/experiments/<name>.yaml")
+    p.add_argument("--budget", choices=["quick", "full"], default="full",
+                   help="quick: minutes, tiny sizes (smoke test, results/<name>-quick); full: the real grid")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the grid's own seeds")
+    p.add_argument("--cells", nargs="+", default=None, help="run only these cells")
+    p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
+    p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 

@@ -1,0 +1,124 @@
+"""Experiment grids: many ordinary resumable runs ("cells"), results committed as JSON/CSV.
+
+An experiment config (``configs/experiments/<name>.yaml``) names a base run config, budgets (``quick`` for smoke
+tests, ``full`` for the real grid) as override lists, seeds, and cells. A cell is either ``pipeline`` (phase 1 ->
+convert -> phase 2) or ``train`` (one model, trained with the ``phase1`` settings). Each cell x seed runs in
+``<runs>/<experiment>/<budget>/<cell>/seed<k>`` (checkpoints, not committed) and, when finished, writes
+``<results>/<experiment>[-quick]/cells/<cell>__seed<k>.json`` with its config, per-epoch metrics, timings and the
+hardware. A finished cell is skipped; an interrupted one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import yaml
+
+from .config import apply_overrides, load_config, train_config
+from .pipeline import create_model, model_spec, run_pipeline, train_phase
+from .plots import read_metrics
+
+__all__ = ["load_experiment", "cell_configs", "run_experiment", "read_cells", "hardware"]
+
+BUDGETS = ("quick", "full")
+
+
+def load_experiment(path: str | Path) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"experiment config {path} does not exist; grids are in configs/experiments/")
+    spec = yaml.safe_load(path.read_text())
+    for key in ("name", "base", "cells"):
+        if key not in spec:
+            raise ValueError(f"{path}: missing '{key}' (an experiment needs name, base, cells; see configs/experiments)")
+    spec["base"] = str((path.parent / spec["base"]).resolve())
+    names = [c["name"] for c in spec["cells"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: cell names must be unique, got {names}")
+    for cell in spec["cells"]:
+        if cell.get("kind", "pipeline") not in ("pipeline", "train"):
+            raise ValueError(f"{path}: cell {cell['name']!r} has kind {cell.get('kind')!r}; use pipeline or train")
+    return spec
+
+
+def results_dir(spec: Dict[str, Any], budget: str, root: str | Path = "results") -> Path:
+    return Path(root) / (spec["name"] if budget == "full" else f"{spec['name']}-{budget}")
+
+
+def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_root: str | Path = "runs/experiments",
+                 only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """One entry per cell x seed: ``{cell, label, kind, seed, config}``: the base config, then the experiment's
+    ``common`` overrides, the cell's, the budget's (so ``quick`` can shrink any cell) and the seed."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    budget_overrides = spec.get("budgets", {}).get(budget, [])
+    out = []
+    for cell in spec["cells"]:
+        if only and cell["name"] not in only:
+            continue
+        for seed in seeds:
+            config = load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", []),
+                                                *budget_overrides])
+            config = apply_overrides(config, [
+                f"train.seed={seed}", f"name={cell['name']}",
+                f"output={Path(runs_root) / spec['name'] / budget / cell['name'] / f'seed{seed}'}",
+            ])
+            out.append({"cell": cell["name"], "label": cell.get("label", cell["name"]),
+                        "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config})
+    return out
+
+
+def hardware() -> Dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
+    config, out = entry["config"], Path(entry["config"]["output"])
+    if entry["kind"] == "pipeline":
+        summary = run_pipeline(config, progress=progress)
+        phases = {p: read_metrics(out / p / "metrics.jsonl") for p in ("phase1", "phase2")}
+        final = phases["phase2"][-1]
+        return {"final": final, "phases": phases, "params": summary["phase2"]["params"],
+                "train_seconds": summary["phase1"]["train_seconds"] + summary["phase2"]["train_seconds"],
+                "transfer": summary["transfer"]}
+    spec = model_spec(config)
+    model = create_model(spec, seed=train_config(config, "phase1", spec["kwargs"]["num_classes"]).seed)
+    params = sum(p.numel() for p in model.parameters())
+    train_phase(model, spec, config, "phase1", out / "train", progress=progress)
+    lines = read_metrics(out / "train" / "metrics.jsonl")
+    return {"final": lines[-1], "phases": {"train": lines}, "params": params,
+            "train_seconds": sum(m["epoch_seconds"] for m in lines)}
+
+
+def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iterable[int]] = None,
+                   results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
+                   only: Optional[List[str]] = None, progress: bool = True) -> Path:
+    """Run every unfinished cell of the grid; returns the results directory."""
+    seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
+    out = results_dir(spec, budget, results_root)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    entries = cell_configs(spec, budget, seeds, runs_root, only)
+    for i, entry in enumerate(entries, 1):
+        path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
+        if path.exists() and json.loads(path.read_text())["config"] == entry["config"]:
+            continue
+        if progress:
+            print(f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})")
+        result = _run_cell(entry, progress)
+        record = {k: entry[k] for k in ("cell", "label", "kind", "seed", "config")}
+        record.update(result, budget=budget, hardware=hardware())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    return out
+
+
+def read_cells(results: str | Path) -> List[Dict[str, Any]]:
+    """Every finished cell record under ``results/cells``."""
+    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("cells/*.json"))]

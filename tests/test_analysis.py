@@ -320,9 +320,10 @@ def test_shift_consistency_defaults_to_patch_size_shifts(pair, images):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A pipeline-shaped run on sklearn digits (8x8 padded to 12): phase1/last, phase2/{best,last}, config.yaml."""
+    """A pipeline-shaped run on sklearn digits (8x8 padded to 12): phase1/last, phase2/{best,last}, config.yaml
+    (converting with qk_std = 0.02, so epoch 0 has small random W_Q, W_K)."""
     run = tmp_path_factory.mktemp("run")
-    save_config(load_config(None, ["name=tiny", "data.dataset=digits", "data.img_size=12"]), run / "config.yaml")
+    save_config(load_config(None, ["name=tiny", "data.dataset=digits", "data.img_size=12", "convert.qk_std=0.02"]), run / "config.yaml")
     kwargs = dict(TINY, num_classes=10)
     conv10 = CMHSA(**kwargs).eval()
     (run / "phase1").mkdir()
@@ -346,6 +347,9 @@ def test_remaining_convolution_over_checkpoints(run_dir):
     assert [r["epoch"] for r in records] == [0, 1, 2]
     assert records[0]["checkpoints"] == ["phase1/last (converted)"]
     assert records[0]["conv_projection_error"] < 1e-6 and records[0]["offset_mass"] > 1 - 1e-6
+    # the run converts with qk_std = 0.02: small content logits, still exact
+    assert 0.99 < records[0]["positional_share"] < 1
+    assert max(records[0]["layers"][0]["content_logit_absmax"]) > 0
     assert records[2]["val_top1"] == 11.0
     masses = [r["offset_mass"] for r in records]
     assert masses[0] > masses[1] > masses[2]

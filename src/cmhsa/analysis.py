@@ -245,10 +245,16 @@ def attention_details(model: nn.Module, images: torch.Tensor, keep_prefix: bool 
     patches, so maps are patch-to-patch; the removed weight is ``prefix_mass``. With ``keep_prefix=True`` the
     layer's full (B, H, N_all, N_all) probabilities are returned untouched instead.
     """
+    return list(_iter_attention(model, images, keep_prefix))
+
+
+@torch.no_grad()
+def _iter_attention(model: nn.Module, images: torch.Tensor, keep_prefix: bool = False) -> Iterator[AttentionMap]:
+    # one forward pass captures every layer's input; maps are then made one layer at a time, so callers that
+    # reduce them (attention_distance) never hold all layers' (B, H, N, N) tensors at once
     layers = attention_layers(model)
     _, captured = _run_capturing(model, images, [m for _, m in layers])
     model_grid = None
-    out = []
     for (name, module), (args, kwargs) in zip(layers, captured):
         probs, null = _layer_probs(module, args, kwargs)
         if isinstance(module, RelPosMHSA):
@@ -268,8 +274,7 @@ def attention_details(model: nn.Module, images: torch.Tensor, keep_prefix: bool 
             prefix_mass = 1.0 - patch_mass.squeeze(-1)
             # renormalise over patches: a query's distribution among the patches it attends to
             probs = probs[..., prefix:] / patch_mass.clamp_min(torch.finfo(probs.dtype).tiny)
-        out.append(AttentionMap(name, probs, null, prefix_mass, grid))
-    return out
+        yield AttentionMap(name, probs, null, prefix_mass, grid)
 
 
 def attention_maps(model: nn.Module, images: torch.Tensor, keep_prefix: bool = False) -> List[torch.Tensor]:
@@ -299,19 +304,22 @@ def attention_distance(model: nn.Module, data: Data, max_batches: Optional[int] 
     """
     if null_key not in ("exclude", "zero"):
         raise ValueError(f"null_key must be 'exclude' or 'zero', got {null_key!r}")
-    sums = mass = queries = null = prefix = None
+    # per layer, (H,) float64 each: sum a*dist, sum a, query count, null-key weight, class-token weight
+    sums: List[torch.Tensor] = []
+    mass: List[torch.Tensor] = []
+    queries: List[torch.Tensor] = []
+    null: List[torch.Tensor] = []
+    prefix: List[torch.Tensor] = []
     names: List[str] = []
     images_seen = 0
     dist_cache: Dict[Tuple[int, int], torch.Tensor] = {}
     for images in _image_batches(data, max_batches):
-        maps = attention_details(model, images)
-        if sums is None:
-            names = [m.name for m in maps]
-            heads = [m.attn.shape[1] for m in maps]
-            sums, mass, queries, null, prefix = ([torch.zeros(h, dtype=torch.float64) for h in heads]
-                                                 for _ in range(5))
         images_seen += images.shape[0]
-        for i, m in enumerate(maps):
+        for i, m in enumerate(_iter_attention(model, images)):
+            if i == len(sums):  # first batch
+                names.append(m.name)
+                for acc in (sums, mass, queries, null, prefix):
+                    acc.append(torch.zeros(m.attn.shape[1], dtype=torch.float64))
             if m.grid_size not in dist_cache:
                 dist_cache[m.grid_size] = _distances(m.grid_size)
             a = m.attn.double().cpu()
@@ -325,8 +333,8 @@ def attention_distance(model: nn.Module, data: Data, max_batches: Optional[int] 
     denominators = mass if null_key == "exclude" else queries
     layers = [s / d for s, d in zip(sums, denominators)]
     return {
-        "layers": [l.tolist() for l in layers],
-        "mean": [l.mean().item() for l in layers],
+        "layers": [h.tolist() for h in layers],
+        "mean": [h.mean().item() for h in layers],
         "null_mass": [(n / q).tolist() for n, q in zip(null, queries)],
         "prefix_mass": [(p / q).tolist() for p, q in zip(prefix, queries)],
         "names": names,
@@ -600,8 +608,9 @@ def remaining_convolution(model: nn.Module, data: Data, max_batches: Optional[in
       (H, 2) offsets (one tensor, or a list per layer).
     - ``content_logit_std`` / ``position_logit_std``: spread over the real keys of each query's content logits
       ``q.k * scale`` and of its positional logits ``B_h[k - q]`` (std over keys, since softmax ignores a per-query
-      shift), averaged over queries and images; ``positional_share = pos / (pos + content)`` (1 at conversion:
-      W_Q = W_K = 0). ``content_logit_absmax`` is max |q.k * scale| (exactly 0 at conversion).
+      shift), averaged over queries and images; ``positional_share = pos / (pos + content)`` (1 at conversion with
+      W_Q = W_K = 0, just below 1 with ``qk_std > 0``). ``content_logit_absmax`` is max |q.k * scale| (exactly 0
+      at conversion with W_Q = W_K = 0).
     - ``null_mass``: mean weight on the null key.
     - per layer ``conv_projection_error``: relative error of the best KxK convolution (:func:`conv_projection`)
       given the heads' mean attention per offset; ``kernels`` holds those convolutions (C, C, K, K).
@@ -613,8 +622,7 @@ def remaining_convolution(model: nn.Module, data: Data, max_batches: Optional[in
     geometry = _geometry(model)
     channels = model.patch_embed.pixel_dim
     layers: List[RelPosMHSA] = [b.mixer for b in model.blocks]
-    L = len(layers)
-    acc = [dict(sums=None, counts=None, content=0.0, absmax=None, null=0.0, queries=0) for _ in range(L)]
+    acc = [dict(sums=None, counts=None, content=0.0, absmax=None, null=0.0, queries=0) for _ in layers]
     images_seen = 0
     for images in _image_batches(data, max_batches):
         images_seen += images.shape[0]
@@ -668,7 +676,7 @@ def remaining_convolution(model: nn.Module, data: Data, max_batches: Optional[in
     return {
         "layers": records,
         "offset_mass": mean_of([v for r in records for v in r["offset_mass"]]),
-        "positional_share": mean_of([v for r, layer in zip(records, layers)
+        "positional_share": mean_of([v for r in records
                                      for v, d in zip(r["positional_share"], r["offsets"]) if d is not None]),
         "conv_projection_error": mean_of([r["conv_projection_error"] for r in records]),
         "kernels": kernels,
@@ -730,9 +738,9 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
                                            offsets: Any = "geometry") -> List[Dict[str, Any]]:
     """:func:`remaining_convolution` of every checkpoint of a pipeline run, in phase-2 epochs.
 
-    Epoch 0 is ``phase1/last`` converted with the run's conversion settings (``bias_strength`` and ``null_key``
-    from ``phase2/model.json``, else ``config.yaml``'s ``convert`` section); a phase-2 checkpoint saved after
-    0-based epoch e is epoch e + 1. Every checkpoint directory in ``phase2/`` is used (``last/``, ``best/``, and
+    Epoch 0 is ``phase1/last`` converted with the run's conversion settings (``config.yaml``'s ``convert`` section as
+    the pipeline uses it, else ``bias_strength`` / ``null_key`` from ``phase2/model.json``; a ``qk_std > 0`` start is
+    redrawn with seed 0, not the run's own draw); a phase-2 checkpoint saved after 0-based epoch e is epoch e + 1. Every checkpoint directory in ``phase2/`` is used (``last/``, ``best/``, and
     any others holding ``model.safetensors`` and ``state.pt``); checkpoints of the same epoch are one record.
     ``data`` defaults to the first ``max_batches`` validation batches of the run's own dataset.
 
@@ -748,12 +756,14 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     spec2 = json.loads((phase2 / "model.json").read_text()) if (phase2 / "model.json").exists() else None
 
     if (phase1 / "last" / "model.safetensors").is_file():
-        if spec2 is not None:
-            kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key") if k in spec2["kwargs"]}
-        elif (run_dir / "config.yaml").exists():
+        if (run_dir / "config.yaml").exists():
             from .config import load_config
+            # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
             c = load_config(run_dir / "config.yaml")["convert"]
-            kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"])
+            kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
+                      **c.get("kwargs", {}))
+        elif spec2 is not None:
+            kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key") if k in spec2["kwargs"]}
         else:
             kw = dict(bias_strength=DEFAULT_BIAS_STRENGTH, null_key=True)
         found[0] = dict(dirs=[phase1 / "last"], metrics=None, load=lambda kw=kw: _converted(phase1 / "last", kw),
@@ -799,7 +809,10 @@ def _converted(ckpt: Path, kw: Dict[str, Any]) -> CMHSA:
     from .pipeline import load_model
 
     conv = load_model(ckpt)[0].float().eval()
-    return convert_model(conv, **kw)
+    # qk_std > 0 draws random W_Q, W_K: seed them, without touching the caller's RNG
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return convert_model(conv, **kw)
 
 
 # ------------------------------------------------------------------------------------------------ shifts
@@ -827,12 +840,13 @@ def shift_images(images: torch.Tensor, dy: int, dx: int, mode: str = "circular",
 @torch.no_grad()
 def shift_consistency(model: nn.Module, data: Data, shifts: Optional[Iterable[int]] = None, mode: str = "circular",
                       max_batches: Optional[int] = None,
-                      directions: Sequence[Tuple[int, int]] = ((0, 1), (1, 0), (1, 1)),
+                      directions: Sequence[Tuple[int, int]] = ((1, 1),),
                       fill: float = 0.0) -> Dict[int, float]:
     """Fraction of images whose predicted class is unchanged when the input is shifted, per shift size.
 
-    Shift s moves the image by ``(s * dy, s * dx)`` pixels for every ``(dy, dx)`` in ``directions`` (default:
-    right, down, diagonal); the fraction is over images and directions. ``shifts`` defaults to ``1..P`` for
+    Shift s moves the image by ``(s * dy, s * dx)`` pixels for every ``(dy, dx)`` in ``directions`` (default: the
+    diagonal, s pixels down and right, one forward pass per shift; add ``(0, 1), (1, 0)`` for the axes); the
+    fraction is over images and directions. ``shifts`` defaults to ``1..P`` for
     patch size P (a shift of P moves whole patches). Works for any classifier returning (B, classes) logits.
     """
     if shifts is None:
@@ -870,6 +884,7 @@ def plot_attention_distance(result: Dict[str, Any], path: Union[str, Path], titl
     for i, heads in enumerate(result["layers"]):
         ax.scatter([i] * len(heads), heads, s=14, alpha=0.7, color="C0")
     ax.plot(range(len(result["mean"])), result["mean"], "-o", color="C1", ms=4, label="mean over heads")
+    ax.set_ylim(bottom=0)
     ax.set(xlabel="layer", ylabel=f"mean attention distance ({result.get('unit', 'patches')})",
            title=title or "attention distance")
     ax.grid(alpha=0.3)
@@ -1090,7 +1105,8 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--max-batches", type=int, default=4, help="validation batches to analyse (default: 4)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: <run>/analysis, or <phase>/analysis-<which>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default: <run>/analysis, or <phase>/analysis-<which>)")
     p.add_argument("--no-checkpoints", action="store_true",
                    help="skip the remaining-convolution tracking over the run's checkpoints")
     p.set_defaults(func=cmd_analyze)

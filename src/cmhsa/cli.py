@@ -204,6 +204,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.results, budget=args.budget, configs=args.configs)}")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="YAML preset (see configs/); without it the built-in defaults are used")
@@ -301,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("report", help="write results/REPORT.md from the experiment and analysis results",
+                       description="Tables (with the paper's Table 1 beside ours), figures and summary CSVs from "
+                                   "results/<grid>/cells/*.json and results/analysis/*/analysis.json.")
+    p.add_argument("results", type=Path, nargs="?", default=Path("results"), help="results root (default: results)")
+    p.add_argument("--budget", choices=["quick", "full"], default="full", help="which grids' results to report")
+    p.add_argument("--configs", type=Path, default=Path("configs/experiments"),
+                   help="grid configs whose header comments describe the setup")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 import yaml
 
-from .config import apply_overrides, load_config, train_config
+from .config import apply_overrides, load_config, save_config, train_config
 from .pipeline import create_model, model_spec, run_pipeline, train_phase
 from .plots import read_metrics
 
@@ -56,10 +56,11 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     budget_overrides = spec.get("budgets", {}).get(budget, [])
     out = []
-    for cell in spec["cells"]:
-        if only and cell["name"] not in only:
-            continue
-        for seed in seeds:
+    # seeds outermost: a whole seed of the grid lands before the next one starts
+    for seed in seeds:
+        for cell in spec["cells"]:
+            if only and cell["name"] not in only:
+                continue
             config = load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", []),
                                                 *budget_overrides])
             config = apply_overrides(config, [
@@ -80,8 +81,13 @@ def hardware() -> Dict[str, Any]:
 
 def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
     config, out = entry["config"], Path(entry["config"]["output"])
+    # resume an interrupted run of the same config; a changed config starts the cell again
+    saved = out / "config.yaml"
+    resume = saved.exists() and yaml.safe_load(saved.read_text()) == config
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
     if entry["kind"] == "pipeline":
-        summary = run_pipeline(config, progress=progress)
+        summary = run_pipeline(config, resume=resume, progress=progress)
         phases = {p: read_metrics(out / p / "metrics.jsonl") for p in ("phase1", "phase2")}
         final = phases["phase2"][-1]
         return {"final": final, "phases": phases, "params": summary["phase2"]["params"],
@@ -90,7 +96,7 @@ def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
     spec = model_spec(config)
     model = create_model(spec, seed=train_config(config, "phase1", spec["kwargs"]["num_classes"]).seed)
     params = sum(p.numel() for p in model.parameters())
-    train_phase(model, spec, config, "phase1", out / "train", progress=progress)
+    train_phase(model, spec, config, "phase1", out / "train", resume=resume, progress=progress)
     lines = read_metrics(out / "train" / "metrics.jsonl")
     return {"final": lines[-1], "phases": {"train": lines}, "params": params,
             "train_seconds": sum(m["epoch_seconds"] for m in lines)}

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run verify test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup
+	$(VENV)/bin/cmhsa pipeline --config configs/fmnist_tiny.yaml
+
+verify: setup
 	$(VENV)/bin/cmhsa verify --kernel-size 5 --patch-size 16 --in-chans 3 --out-chans 3 --image-size 224
 
 test: setup
@@ -23,6 +26,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/convert.py
+	$(PY) benchmarks/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

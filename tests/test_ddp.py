@@ -99,3 +99,21 @@ def test_two_rank_fit(tmp_path):
         assert metrics["top1"] == pytest.approx(record[prefix + "top1"], abs=1e-6)
         assert metrics["top5"] == pytest.approx(record[prefix + "top5"], abs=1e-6)
         assert metrics["loss"] == pytest.approx(record[prefix + "loss"], rel=1e-5)
+
+
+def test_torchrun_cmhsa_train_cli(tmp_path):
+    """`torchrun --nproc_per_node=2 -m cmhsa train ...` with gloo on CPU: one run directory, resumable weights."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cmhsa",
+           "train", "--output", str(out), "--device", "cpu", "--precision", "fp32", "--set",
+           "data.dataset=digits", "data.img_size=8", "data.train_subset=null", "data.val_subset=null",
+           "data.augment=none", "model.name=cmhsa3_conv_tiny",
+           "model.kwargs={patch_size: 2, pixel_dim: 8, depth: 2, mlp_ratio: 2.0}", "train.batch_size=32",
+           "phase1.epochs=2", "phase1.lr=3.0e-3", "phase1.warmup_epochs=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (out / "train" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # written once, by rank 0
+    assert proc.stdout.count("val top-1") == 2  # each rank prints its final line
+    assert (out / "train" / "last" / "model.safetensors").exists() and (out / "config.yaml").exists()

@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=Path, default=Path("configs/experiments"),
                    help="grid configs whose header comments describe the setup")
     p.set_defaults(func=cmd_report)
+
+    from .analysis import add_analyze_parser
+
+    add_analyze_parser(sub)
     return parser
 
 

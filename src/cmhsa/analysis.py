@@ -37,8 +37,12 @@ from timm.models.convit import GPSA as ConvitGPSA  # noqa: E402
 from timm.models.convit import MHSA as ConvitMHSA  # noqa: E402
 
 from .attention import RelPosMHSA  # noqa: E402
+from .checkpoint import read_checkpoint_info  # noqa: E402
+from .config import load_config  # noqa: E402
 from .convert import DEFAULT_BIAS_STRENGTH, ConvGeometry, conv_blocks, same_padding_geometry  # noqa: E402
+from .data import create_datasets, create_loader  # noqa: E402
 from .models import CMHSA, convert_model  # noqa: E402
+from .pipeline import load_model, run_config_path  # noqa: E402
 from .tokens import grid_offsets  # noqa: E402
 
 __all__ = [
@@ -685,12 +689,6 @@ def remaining_convolution(model: nn.Module, data: Data, max_batches: Optional[in
     }
 
 
-def _run_config_path(ckpt: Path) -> Optional[Path]:
-    # as `cmhsa eval`: the run's config.yaml sits two levels (phase/which) or one level above the checkpoint
-    return next((p / "config.yaml" for p in (ckpt.parent.parent, ckpt.parent) if (p / "config.yaml").exists()),
-                None)
-
-
 def _model_in_chans(model: nn.Module) -> int:
     if isinstance(model, CMHSA):
         return model.config["in_chans"]
@@ -714,8 +712,6 @@ def _model_img_size(model: nn.Module) -> Optional[int]:
 def _val_loader(config_path: Optional[Path], in_chans: int, batch_size: int, dataset: Optional[str] = None,
                 data_dir: Optional[str] = None, img_size: Any = None) -> Tuple[Any, Dict[str, Any]]:
     """Validation loader (no augmentation, in order) of a run's data config with overrides."""
-    from .config import load_config
-    from .data import create_datasets, create_loader
 
     overrides = []
     for value, key in ((dataset, "data.dataset"), (data_dir, "data.data_dir"), (img_size, "data.img_size")):
@@ -747,8 +743,6 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     Returns records ``{'epoch', 'checkpoints', 'val_top1', 'offset_mass', 'positional_share',
     'conv_projection_error', 'layers'}`` sorted by epoch.
     """
-    from .checkpoint import read_checkpoint_info
-    from .pipeline import load_model
 
     run_dir = Path(run_dir)
     phase1, phase2 = run_dir / "phase1", run_dir / "phase2"
@@ -757,8 +751,7 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
 
     if (phase1 / "last" / "model.safetensors").is_file():
         if (run_dir / "config.yaml").exists():
-            from .config import load_config
-            # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
+                    # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
             c = load_config(run_dir / "config.yaml")["convert"]
             kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
                       **c.get("kwargs", {}))
@@ -806,7 +799,6 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
 
 
 def _converted(ckpt: Path, kw: Dict[str, Any]) -> CMHSA:
-    from .pipeline import load_model
 
     conv = load_model(ckpt)[0].float().eval()
     # qk_std > 0 draws random W_Q, W_K: seed them, without touching the caller's RNG
@@ -953,17 +945,16 @@ def _load(source: Union[str, Path, nn.Module], which: str) -> Tuple[nn.Module, D
     if isinstance(source, nn.Module):
         return source, {"name": type(source).__name__, "path": None, "checkpoint": None, "run_dir": None,
                         "config": None}
-    from .pipeline import load_model
 
     path = Path(source)
     model, spec, ckpt = load_model(path, which=which)
     run_dir = path if (path / "config.yaml").exists() else None
     if run_dir is None:
-        config = _run_config_path(ckpt)
+        config = run_config_path(ckpt)
         run_dir = config.parent if config is not None and ((config.parent / "phase1").is_dir()
                                                            or (config.parent / "phase2").is_dir()) else None
     return model.float(), {"name": spec["name"], "path": str(path), "checkpoint": str(ckpt),
-                           "run_dir": str(run_dir) if run_dir else None, "config": _run_config_path(ckpt)}
+                           "run_dir": str(run_dir) if run_dir else None, "config": run_config_path(ckpt)}
 
 
 def _accuracy(model: nn.Module, batches: List[Tuple[torch.Tensor, Any]]) -> Optional[float]:

@@ -144,11 +144,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .engine import TrainConfig, evaluate, resolve_device, resolve_precision
-    from .pipeline import build_loaders, load_model
+    from .pipeline import build_loaders, load_model, run_config_path
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
-    run_config = next((p / "config.yaml" for p in (ckpt.parent.parent, ckpt.parent) if (p / "config.yaml").exists()),
-                      None)
+    run_config = run_config_path(ckpt)
     overrides = list(args.set or [])
     for flag, key in (("dataset", "data.dataset"), ("data_dir", "data.data_dir")):
         if getattr(args, flag) is not None:
@@ -171,7 +170,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from .models import CMHSA, convert_model, transfer_error
-    from .pipeline import MODEL_SPEC_FILE, _spec_of_converted, load_model
+    from .pipeline import MODEL_SPEC_FILE, converted_spec, load_model
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
@@ -183,7 +182,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(out / "model.safetensors"))
-    (out / MODEL_SPEC_FILE).write_text(json.dumps(_spec_of_converted(attn), indent=2))
+    (out / MODEL_SPEC_FILE).write_text(json.dumps(converted_spec(attn), indent=2))
     (out / "convert.json").write_text(json.dumps({"source": str(ckpt), **report}, indent=2))
     print(f"converted {ckpt} -> {out / 'model.safetensors'} ({attn.num_heads} heads per layer)")
     print(f"float64 check on random input: per-layer max error "

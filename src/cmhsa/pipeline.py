@@ -23,7 +23,8 @@ from .engine import (evaluate, fit, init_distributed, is_main_process, resolve_d
 from .models import CMHSA, convert_model, transfer_error
 from .plots import plot_curves, read_metrics
 
-__all__ = ["run_dir", "build_loaders", "create_model", "model_spec", "load_model", "train_phase", "run_pipeline"]
+__all__ = ["run_dir", "build_loaders", "create_model", "model_spec", "run_config_path", "load_model", "train_phase",
+           "run_pipeline"]
 
 MODEL_SPEC_FILE = "model.json"
 
@@ -68,7 +69,8 @@ def create_model(spec: Dict[str, Any], seed: Optional[int] = None) -> nn.Module:
         raise
 
 
-def _spec_of_converted(model: CMHSA) -> Dict[str, Any]:
+def converted_spec(model: CMHSA) -> Dict[str, Any]:
+    """The model spec of a converted (attention-phase) CMHSA: its timm name and full config."""
     k = model.config["kernel_size"]
     size = "224" if model.config["img_size"] == 224 and model.config["patch_size"] == 16 else "tiny"
     return {"name": f"cmhsa{k}_attn_{size}", "kwargs": dict(model.config)}
@@ -78,6 +80,12 @@ def _write_json(path: Path, obj: Any) -> None:
     if is_main_process():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(obj, indent=2))
+
+
+def run_config_path(ckpt: Path) -> Optional[Path]:
+    """The ``config.yaml`` of the run a checkpoint belongs to: two levels up (run/phase/which) or one (run/phase)."""
+    return next((p / "config.yaml" for p in (ckpt.parent.parent, ckpt.parent) if (p / "config.yaml").exists()),
+                None)
 
 
 def load_model(path: str | Path, which: str = "last") -> Tuple[nn.Module, Dict[str, Any], Path]:
@@ -159,7 +167,7 @@ def run_pipeline(config: Dict[str, Any], resume: bool = True, progress: bool = T
               f"float32 {transfer['float32']['logits_error']:.2e}; val top-1 {phase1['val_top1']:.2f} -> "
               f"{after['top1']:.2f} (before -> after conversion)")
 
-    phase2 = train_phase(attn_model, _spec_of_converted(attn_model), config, "phase2", out / "phase2", resume,
+    phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", out / "phase2", resume,
                          progress)
     summary = _summarize(config, out, phase1, phase2, transfer)
     if is_main_process():

@@ -120,3 +120,13 @@ def test_paper_cifar100_config_runs_one_step(tmp_path, kernel):
     assert summary["phase2"]["params"] > 100e6  # 9 heads of 768 on D = 768, 6 layers
     assert json.loads((tmp_path / "run/convert.json").read_text())["float32"]["logits_relative_error"] < 1e-3
     assert torch.isfinite(torch.tensor(summary["phase2"]["val_loss"]))
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_preset_is_valid(preset):
+    config = load_config(CONFIGS / preset)
+    for phase in ("phase1", "phase2"):
+        cfg = train_config(config, phase, 10)
+        assert cfg.epochs >= 1 and cfg.lr > 0
+    assert config["model"]["name"].startswith("cmhsa") and "_conv_" in config["model"]["name"]
+    assert config["data"]["augment"] in ("light", "deit", "none")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -539,3 +540,19 @@ def test_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="warmup_epochs must be in"):
         TrainConfig(epochs=2, warmup_epochs=2)
+
+
+def test_checkpoint_every_keeps_epoch_weights(digits, tmp_path):
+    cfg = TrainConfig(epochs=4, lr=3e-3, precision="fp32", max_steps_per_epoch=3, checkpoint_every=2)
+    model = mlp()
+    fit(model, *loaders(digits), cfg, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("epoch_*")) == ["epoch_002", "epoch_004"]
+    assert read_checkpoint_info(tmp_path / "epoch_002")["epoch"] == 1
+    final = mlp(seed=3)
+    load_weights(tmp_path / "epoch_004", final)
+    assert_same_weights(final, model)  # the last epoch's weights are the final ones
+    # how often weights are kept does not change training, so a finished run still counts as the same run
+    again = fit(mlp(seed=5), *loaders(digits), dataclasses.replace(cfg, checkpoint_every=0), tmp_path, progress=False)
+    assert again["epochs_run"] == 0
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainConfig(checkpoint_every=-1)

@@ -72,7 +72,7 @@ _LOGGER = logging.getLogger(__name__)
 _PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that may change between a run and its resume without changing the results.
-_RESUME_FREE_FIELDS = frozenset({"device", "compile", "log_interval"})
+_RESUME_FREE_FIELDS = frozenset({"device", "compile", "log_interval", "checkpoint_every"})
 
 
 @dataclass
@@ -102,6 +102,7 @@ class TrainConfig:
     seed: int = 0
     log_interval: int = 50  # steps between progress-bar updates (and non-finite loss checks)
     max_steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch, for smoke tests
+    checkpoint_every: int = 0  # also keep the weights of every n-th epoch in out_dir/epoch_XXX/ (0: only last, best)
     num_classes: int = 10
 
     def __post_init__(self) -> None:
@@ -116,6 +117,8 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.sched == "plateau":
             raise ValueError("sched='plateau' is not supported (fit schedules per update); use e.g. 'cosine'")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0 keeps only last/ and best/), got {self.checkpoint_every}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
 
@@ -612,6 +615,10 @@ def fit(
             _append_jsonl(metrics_path, record)
             if improved:
                 save_checkpoint(best_dir, model, ema=ema, epoch=epoch, extra={"phase": phase, "metrics": record})
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                # weights only, for analyses that follow a run through its epochs
+                save_checkpoint(out_dir / f"epoch_{epoch + 1:03d}", model, ema=ema, epoch=epoch,
+                                extra={"phase": phase, "metrics": record})
             save_checkpoint(
                 last_dir, model, optimizer, scheduler, ema, epoch=epoch, scaler=scaler,
                 extra={"phase": phase, "config": config, "metrics": record, **best},

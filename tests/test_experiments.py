@@ -112,3 +112,17 @@ def test_bad_experiment_configs(tmp_path):
         load_experiment(tmp_path / "bad.yaml")
     with pytest.raises(ValueError, match="budget must be one of"):
         cell_configs(load_experiment(GRIDS / "table1.yaml"), "medium", [0])
+
+
+def test_report_analysis_section(tmp_path):
+    a = tmp_path / "results" / "analysis" / "cmhsa5"
+    a.mkdir(parents=True)
+    (a / "shift.png").write_bytes(b"")
+    a_json = {"top1": 80.0, "attention_distance": {"mean": [1.5, 2.5]},
+              "shift_consistency": {"circular": {"1": 0.9, "4": 1.0}, "zero": {"1": 0.8, "4": 0.5}},
+              "remaining_convolution": {"offset_mass": 0.75, "positional_share": 0.6, "conv_projection_error": 0.3},
+              "files": [str(a / "analysis.json"), str(a / "shift.png")]}
+    (a / "analysis.json").write_text(json.dumps(a_json))
+    report = write_report(tmp_path / "results", configs=GRIDS).read_text()
+    assert "| cmhsa5 | 80.0 | 1.50 → 2.50 | 0.90 / 1.00 | 0.80 | 0.750 | 0.600 | 0.300 |" in report
+    assert (tmp_path / "results/analysis/overview.png").exists() and "analysis/cmhsa5/shift.png" in report

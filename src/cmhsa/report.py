@@ -7,6 +7,7 @@ Every number in the report comes from those files; nothing is typed in by hand e
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -223,14 +224,44 @@ def _ablations(grid: Path) -> Optional[str]:
 # --- analysis -----------------------------------------------------------------------------------------------------
 
 def _analysis(results: Path) -> Optional[str]:
-    runs = sorted(p.parent for p in results.glob("analysis/*/analysis.json"))
+    """One table across the analysed models, two overview figures, and each model's own figures."""
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("analysis/*/analysis.json"))}
     if not runs:
         return None
-    parts = []
-    for run in runs:
-        pngs = sorted(run.glob("*.png"))
-        parts.append(f"### {run.name}\n\n" + "\n".join(f"![{p.stem}]({p.relative_to(results)})" for p in pngs))
-    return "\n\n".join(parts)
+    rows = ["| model | top-1 (sample) | attention distance, first → last layer (patches) | shift consistency, "
+            "circular 1 px / P px | zero-fill 1 px | attention mass on conv offset | positional logit share | "
+            "distance from a conv |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    fig, (ax_d, ax_s) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, (name, a) in enumerate(runs.items()):
+        dist = a.get("attention_distance", {}).get("mean")
+        circ, zero = a["shift_consistency"]["circular"], a["shift_consistency"]["zero"]
+        shifts = sorted(circ, key=int)
+        rc = a.get("remaining_convolution")
+        rows.append(" | ".join([
+            f"| {name}", f"{a['top1']:.1f}", f"{dist[0]:.2f} → {dist[-1]:.2f}" if dist else "— (no attention)",
+            f"{circ[shifts[0]]:.2f} / {circ[shifts[-1]]:.2f}", f"{zero[shifts[0]]:.2f}",
+            f"{rc['offset_mass']:.3f}" if rc else "—", f"{rc['positional_share']:.3f}" if rc else "—",
+            f"{rc['conv_projection_error']:.3f}" if rc else "—"]) + " |")
+        if dist:
+            ax_d.plot(range(len(dist)), dist, "-o", ms=3, color=f"C{i}", label=name)
+        ax_s.plot([int(k) for k in shifts], [circ[k] for k in shifts], "-o", color=f"C{i}", label=f"{name}")
+        ax_s.plot([int(k) for k in shifts], [zero[k] for k in shifts], ":", color=f"C{i}")
+    ax_d.set(xlabel="layer", ylabel="mean attention distance (patches)", title="Attention distance")
+    ax_s.set(xlabel="shift (pixels)", ylabel="prediction unchanged", ylim=(0, 1.02),
+             title="Shift consistency (solid: circular, dotted: zero-fill)")
+    for ax in (ax_d, ax_s):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "analysis" / "overview.png", dpi=120)
+    plt.close(fig)
+    parts = [*rows, "", "![analysis overview](analysis/overview.png)", ""]
+    for name, a in runs.items():
+        pngs = [Path(f) for f in a.get("files", []) if f.endswith(".png")]
+        if pngs:
+            parts.append(f"**{name}**: " + " ".join(f"![{p.stem}](analysis/{name}/{p.name})" for p in pngs))
+            parts.append("")
+    return "\n".join(parts)
 
 
 def _hardware(grids: List[Path]) -> str:

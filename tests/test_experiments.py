@@ -91,6 +91,7 @@ def test_report_tables_and_claims(tmp_path):
     assert "CMHSA-5 (ours) − CMHSA-5 (1st phase) = +0.75 points" in report and "**inconclusive**" in report
     assert "test cpu" in report and "Not run yet: `cmhsa experiment warmup --budget full`" in report
     assert (tmp_path / "results/table1/summary.csv").read_text().startswith("model,params,top1_mean")
+    assert "Progress: 10 of 18 cells finished" in report  # the shipped table1 grid: 9 cells x 2 seeds
 
 
 def test_experiment_cli_quick_budget(tmp_path, capsys):

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .experiments import read_cells  # noqa: E402
+from .experiments import load_experiment, read_cells  # noqa: E402
 
 __all__ = ["PAPER_TABLE1", "grid_dir", "write_report"]
 
@@ -274,6 +274,17 @@ def _hardware(grids: List[Path]) -> str:
     return "; ".join(sorted(seen)) or "unknown"
 
 
+def _progress(grid: Path, config: Path) -> str:
+    """How much of a grid has run: finished cells out of all, and their training time."""
+    cells = read_cells(grid)
+    total = "?"
+    if config.exists():
+        spec = load_experiment(config)
+        total = len(spec["cells"]) * len(spec.get("seeds", [0]))
+    minutes = sum(c["train_seconds"] for c in cells) / 60
+    return f"Progress: {len(cells)} of {total} cells finished ({minutes:.0f} min of training)."
+
+
 def _setup(configs: Path) -> str:
     """The header comments of the grid configs: the choices and the reasons, kept beside the settings."""
     parts = []
@@ -312,6 +323,7 @@ def write_report(results: str | Path = "results", budget: str = "full",
             continue
         out += [body, ""]
         if grid:
+            out += [_progress(grids[grid], Path(configs) / f"{grid}.yaml"), ""]
             out += [f"Reproduce: `{COMMANDS[grid]}` (resumable; results in `{grids[grid].as_posix()}/cells/`).", ""]
     path = results / "REPORT.md"
     path.write_text("\n".join(out))

@@ -391,3 +391,12 @@ def test_analyze_command_and_model_input(run_dir, tmp_path, capsys):
     out = analyze(_convit(), loader=loader, out_dir=tmp_path / "convit", shifts=[4])
     assert len(out["attention_distance"]["layers"]) == 4 and "remaining_convolution" not in out
     assert list(out["shift_consistency"]["circular"]) == ["4"]
+
+
+def test_zero_fill_uses_the_given_per_channel_value():
+    from cmhsa.analysis import shift_images
+
+    x = torch.arange(2 * 3 * 3, dtype=torch.float32).view(1, 2, 3, 3)
+    out = shift_images(x, 1, 0, mode="zero", fill=[-1.0, -2.0])
+    assert torch.all(out[0, 0, 0] == -1.0) and torch.all(out[0, 1, 0] == -2.0)
+    assert torch.equal(out[..., 1:, :], x[..., :2, :])

@@ -37,16 +37,19 @@ def _model_img_size(model: nn.Module) -> Optional[int]:
 
 def _val_loader(config_path: Optional[Path], in_chans: int, batch_size: int, dataset: Optional[str] = None,
                 data_dir: Optional[str] = None, img_size: Any = None) -> Tuple[Any, Dict[str, Any]]:
-    """Validation loader (no augmentation, in order) of a run's data config with overrides."""
+    """Validation loader (no augmentation, in order) of a run's data config with overrides, and that data config
+    with ``black``: the normalised value of a black pixel per channel."""
     overrides = []
     for value, key in ((dataset, "data.dataset"), (data_dir, "data.data_dir"), (img_size, "data.img_size")):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
     config = load_config(config_path, overrides)
     d = config["data"]
-    _, val, _ = create_datasets(d["dataset"], img_size=d["img_size"], in_chans=in_chans, data_dir=d.get("data_dir"),
-                                augment="none", resize=d.get("resize", "pad"))
-    return create_loader(val, batch_size, training=False), d
+    _, val, info = create_datasets(d["dataset"], img_size=d["img_size"], in_chans=in_chans,
+                                   data_dir=d.get("data_dir"), augment="none", resize=d.get("resize", "pad"))
+    # a black pixel after normalisation: what "zero-fill" means for these images
+    black = [-m / s for m, s in zip(info.mean, info.std)]
+    return create_loader(val, batch_size, training=False), {**d, "black": black}
 
 
 def _materialise(loader: Iterable, max_batches: Optional[int]) -> List[Tuple[torch.Tensor, Any]]:

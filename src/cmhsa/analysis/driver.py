@@ -105,8 +105,10 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
         loader, data_cfg = _val_loader(info["config"], _model_in_chans(model), batch_size, dataset, data_dir,
                                        img_size if img_size is not None else _model_img_size(model))
         data_desc = {"dataset": data_cfg["dataset"], "img_size": data_cfg["img_size"], "split": "val"}
+        black = data_cfg["black"]
     else:
         data_desc = {"dataset": "loader"}
+        black = 0.0  # unknown normalisation: fill with the mean
     batches = _materialise(loader, max_batches)
     images = sum(b[0].shape[0] for b in batches)
     result: Dict[str, Any] = {"model": {k: info[k] for k in ("name", "path", "checkpoint", "run_dir")},
@@ -145,8 +147,10 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
         files.append(plot_cka(cross, out_dir / "cka_compare.png", labels=(title, other_info["name"]),
                               title="CKA between models"))
 
-    shift = {mode: shift_consistency(model, batches, shifts=shifts, mode=mode) for mode in ("circular", "zero")}
+    shift = {mode: shift_consistency(model, batches, shifts=shifts, mode=mode, fill=black)
+             for mode in ("circular", "zero")}
     result["shift_consistency"] = shift
+    result["shift_zero_fill"] = black
     files.append(plot_shift_consistency(shift, out_dir / "shift_consistency.png", title=f"{title}: shift consistency"))
 
     result = _jsonable(result)

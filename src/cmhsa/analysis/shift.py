@@ -16,18 +16,19 @@ from ._common import Data, _eval_mode, _image_batches, _patch_size, _save, _to_m
 __all__ = ["shift_images", "shift_consistency", "plot_shift_consistency"]
 
 
-def shift_images(images: torch.Tensor, dy: int, dx: int, mode: str = "circular", fill: float = 0.0) -> torch.Tensor:
+def shift_images(images: torch.Tensor, dy: int, dx: int, mode: str = "circular",
+                 fill: Union[float, Sequence[float]] = 0.0) -> torch.Tensor:
     """Shift (B, C, H, W) images by (dy, dx) pixels (positive: down / right).
 
-    ``mode='circular'`` wraps around (``torch.roll``); ``'zero'`` fills the vacated pixels with ``fill`` (0 is the
-    dataset mean after normalisation).
+    ``mode='circular'`` wraps around (``torch.roll``); ``'zero'`` fills the vacated pixels with ``fill``, one value
+    or one per channel. On normalised images 0 is the dataset mean; a black pixel is ``-mean / std``.
     """
     if mode == "circular":
         return torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
     if mode != "zero":
         raise ValueError(f"mode must be 'circular' or 'zero', got {mode!r}")
     H, W = images.shape[-2:]
-    out = torch.full_like(images, fill)
+    out = torch.zeros_like(images) + torch.as_tensor(fill, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     if abs(dy) >= H or abs(dx) >= W:
         return out
     out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
@@ -39,7 +40,7 @@ def shift_images(images: torch.Tensor, dy: int, dx: int, mode: str = "circular",
 def shift_consistency(model: nn.Module, data: Data, shifts: Optional[Iterable[int]] = None, mode: str = "circular",
                       max_batches: Optional[int] = None,
                       directions: Sequence[Tuple[int, int]] = ((1, 1),),
-                      fill: float = 0.0) -> Dict[int, float]:
+                      fill: Union[float, Sequence[float]] = 0.0) -> Dict[int, float]:
     """Fraction of images whose predicted class is unchanged when the input is shifted, per shift size.
 
     Shift s moves the image by ``(s * dy, s * dx)`` pixels for every ``(dy, dx)`` in ``directions`` (default: the

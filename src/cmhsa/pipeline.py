@@ -111,11 +111,13 @@ def load_model(path: str | Path, which: str = "last") -> Tuple[nn.Module, Dict[s
 
 
 def train_phase(model: nn.Module, spec: Dict[str, Any], config: Dict[str, Any], phase: str, out_dir: Path,
-                resume: bool = True, progress: bool = True) -> Dict[str, Any]:
-    """Train ``model`` with the ``phase`` settings of ``config`` into ``out_dir``; returns the final metrics."""
+                resume: bool = True, progress: bool = True,
+                loaders: Optional[Tuple[DataLoader, DataLoader]] = None) -> Dict[str, Any]:
+    """Train ``model`` with the ``phase`` settings of ``config`` into ``out_dir``; returns the final metrics.
+    ``loaders`` (train, val) are built from the config unless given."""
     num_classes = spec["kwargs"]["num_classes"]
     cfg = train_config(config, phase, num_classes)
-    train_loader, val_loader, _ = build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])
+    train_loader, val_loader = loaders or build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])[:2]
     _write_json(out_dir / MODEL_SPEC_FILE, spec)
     return fit(model, train_loader, val_loader, cfg, out_dir, resume=resume, phase=phase, progress=progress)
 
@@ -153,7 +155,7 @@ def run_pipeline(config: Dict[str, Any], resume: bool = True, progress: bool = T
     phase1 = train_phase(conv_model, spec1, config, "phase1", out / "phase1", resume, progress)
 
     cfg2 = train_config(config, "phase2", spec1["kwargs"]["num_classes"])
-    _, val_loader, _ = build_loaders(config, cfg2.batch_size, spec1["kwargs"]["in_chans"])
+    train_loader2, val_loader, _ = build_loaders(config, cfg2.batch_size, spec1["kwargs"]["in_chans"])
     sample = next(iter(val_loader))[0][:16]
     attn_model, transfer = _convert(conv_model, config, sample)
     device = resolve_device(cfg2)
@@ -168,8 +170,8 @@ def run_pipeline(config: Dict[str, Any], resume: bool = True, progress: bool = T
               f"{after['top1']:.2f} (before -> after conversion)")
 
     phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", out / "phase2", resume,
-                         progress)
-    summary = _summarize(config, out, phase1, phase2, transfer)
+                         progress, loaders=(train_loader2, val_loader))
+    summary = _summarize(config, out, phase1, phase2, transfer, conv_model, attn_model)
     if is_main_process():
         plot_curves({p: read_metrics(out / p / "metrics.jsonl") for p in ("phase1", "phase2")}, out / "curves.png",
                     title=config["name"])
@@ -189,14 +191,14 @@ def _phase_row(metrics_path: Path, final: Dict[str, Any], params: int) -> Dict[s
             "images_per_second": sum(m["images_per_second"] for m in lines) / max(len(lines), 1)}
 
 
-def _summarize(config, out: Path, phase1, phase2, transfer) -> Dict[str, Any]:
-    spec2 = json.loads((out / "phase2" / MODEL_SPEC_FILE).read_text())
-    count = lambda spec: sum(p.numel() for p in create_model(spec).parameters())  # noqa: E731
+def _summarize(config, out: Path, phase1, phase2, transfer, conv_model: nn.Module,
+               attn_model: nn.Module) -> Dict[str, Any]:
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     return {
         "name": config["name"], "dataset": config["data"]["dataset"],
         "train_subset": config["data"].get("train_subset"),
-        "phase1": _phase_row(out / "phase1" / "metrics.jsonl", phase1, count(model_spec(config))),
-        "phase2": _phase_row(out / "phase2" / "metrics.jsonl", phase2, count(spec2)),
+        "phase1": _phase_row(out / "phase1" / "metrics.jsonl", phase1, count(conv_model)),
+        "phase2": _phase_row(out / "phase2" / "metrics.jsonl", phase2, count(attn_model)),
         "transfer": transfer,
     }
 

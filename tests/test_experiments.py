@@ -73,6 +73,27 @@ def test_runner_writes_cells_skips_finished_and_reports(tmp_path):
     assert changed == ["conv__seed0.json"]
 
 
+def test_identical_run_in_another_grid_is_reused(tmp_path):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    first = load_experiment(make_grid(tmp_path))
+    first["seeds"] = [0]
+    run_experiment(first, results_root=results, runs_root=runs, progress=False, only=["conv"])
+    source = json.loads((results / "mini/cells/conv__seed0.json").read_text())
+
+    # a second grid: one cell identical to mini's conv under another name, one that differs in its learning rate
+    second = dict(first, name="other", cells=[dict(first["cells"][0], name="same_as_conv"),
+                                              dict(first["cells"][0], name="other_lr",
+                                                   overrides=[*first["cells"][0]["overrides"], "phase1.lr=1.0e-4"])])
+    run_experiment(second, results_root=results, runs_root=runs, progress=False)
+    reused = json.loads((results / "other/cells/same_as_conv__seed0.json").read_text())
+    assert reused["reused_from"] == "mini/cells/conv__seed0.json"
+    assert reused["final"] == source["final"] and reused["phases"] == source["phases"]
+    assert reused["cell"] == "same_as_conv" and reused["config"]["output"].endswith("same_as_conv/seed0")
+    assert not (runs / "other/full/same_as_conv").exists()  # nothing trained
+    fresh = json.loads((results / "other/cells/other_lr__seed0.json").read_text())
+    assert "reused_from" not in fresh and (runs / "other/full/other_lr/seed0/train/metrics.jsonl").exists()
+
+
 def test_report_tables_and_claims(tmp_path):
     cells = tmp_path / "results" / "table1" / "cells"
     cells.mkdir(parents=True)

@@ -5,7 +5,9 @@ tests, ``full`` for the real grid) as override lists, seeds, and cells. A cell i
 convert -> phase 2) or ``train`` (one model, trained with the ``phase1`` settings). Each cell x seed runs in
 ``<runs>/<experiment>/<budget>/<cell>/seed<k>`` (checkpoints, not committed) and, when finished, writes
 ``<results>/<experiment>[-quick]/cells/<cell>__seed<k>.json`` with its config, per-epoch metrics, timings and the
-hardware. A finished cell is skipped; an interrupted one resumes from its checkpoint.
+hardware. A finished cell is skipped; an interrupted one resumes from its checkpoint. A cell whose run config is
+identical (apart from its name and output directory) to a finished cell of any grid under the same results root
+reuses that record instead of training again; the record says where it came from (``reused_from``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .config import apply_overrides, load_config, save_config, train_config
 from .pipeline import create_model, model_spec, run_pipeline, train_phase
 from .plots import read_metrics
 
-__all__ = ["load_experiment", "cell_configs", "run_experiment", "read_cells", "hardware"]
+__all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished", "read_cells", "hardware"]
 
 BUDGETS = ("quick", "full")
 
@@ -102,6 +104,20 @@ def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
             "train_seconds": sum(m["epoch_seconds"] for m in lines)}
 
 
+def _run_identity(record: Dict[str, Any]) -> tuple:
+    """What a cell computes: its kind and its config without the name and output directory."""
+    return record["kind"], {k: v for k, v in record["config"].items() if k not in ("name", "output")}
+
+
+def find_finished(entry: Dict[str, Any], results_root: str | Path) -> Optional[Path]:
+    """The record of a finished cell, in any grid under ``results_root``, that ran exactly what ``entry`` runs."""
+    identity = _run_identity(entry)
+    for path in sorted(Path(results_root).glob("*/cells/*.json")):
+        if _run_identity(json.loads(path.read_text())) == identity:
+            return path
+    return None
+
+
 def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iterable[int]] = None,
                    results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
                    only: Optional[List[str]] = None, progress: bool = True) -> Path:
@@ -114,11 +130,19 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
         path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
         if path.exists() and json.loads(path.read_text())["config"] == entry["config"]:
             continue
-        if progress:
-            print(f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})")
-        result = _run_cell(entry, progress)
+        header = f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})"
         record = {k: entry[k] for k in ("cell", "label", "kind", "seed", "config")}
-        record.update(result, budget=budget, hardware=hardware())
+        same = find_finished(entry, results_root)
+        if same is not None:
+            # the same run already finished in another grid (e.g. efficiency's 2k cells are table1's): reuse it
+            kept = {k: v for k, v in json.loads(same.read_text()).items() if k not in record}
+            record.update(kept, reused_from=same.relative_to(results_root).as_posix())
+            if progress:
+                print(f"{header}: same run as {record['reused_from']}, reused")
+        else:
+            if progress:
+                print(header)
+            record.update(_run_cell(entry, progress), budget=budget, hardware=hardware())
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(path)

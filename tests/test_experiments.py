@@ -115,6 +115,63 @@ def test_report_tables_and_claims(tmp_path):
     assert "Progress: 10 of 18 cells finished" in report  # the shipped table1 grid: 9 cells x 2 seeds
 
 
+def _cell(grid_dir: Path, cell: str, label: str, top1: float, seed: int = 0, curve=(), **extra) -> None:
+    record = {"cell": cell, "label": label, "kind": "train", "seed": seed, "params": 1000, "train_seconds": 1.0,
+              "config": {"data": {"train_subset": extra.pop("n", 2000)}}, "hardware": {"cpu": "test cpu"},
+              "final": {"val_top1": top1, "val_top5": 99.0, "val_loss": 1.0},
+              "phases": {"train": [{"val_top1": v, "val_loss": 1.0} for v in (*curve, top1)]}, **extra}
+    (grid_dir / "cells").mkdir(parents=True, exist_ok=True)
+    (grid_dir / "cells" / f"{cell}__seed{seed}.json").write_text(json.dumps(record))
+
+
+def test_report_judges_one_seed_grids_against_table1_noise(tmp_path):
+    """Warm-up and efficiency verdicts use table1's seed noise: sqrt(2) x mean seed std = sqrt(2) x 0.707 = 1.0."""
+    results = tmp_path / "results"
+    for seed, (a, b) in enumerate([(50, 60), (52, 60)]):
+        _cell(results / "table1", "vit", "ViT", a, seed)
+        _cell(results / "table1", "deit_base", "DeiT-base", b, seed)
+    _cell(results / "warmup", "conv_nowarmup", "Convolutional init, w/o warm-up", 70.0, curve=[60.0])
+    _cell(results / "warmup", "conv_warmup", "Convolutional init, w/ warm-up", 70.5, curve=[55.0])
+    _cell(results / "warmup", "random_nowarmup", "Random init, w/o warm-up", 50.0, curve=[30.0])
+    _cell(results / "warmup", "random_warmup", "Random init, w/ warm-up", 55.0, curve=[25.0])
+    for n, ours, deit in [(1000, 60.0, 50.0), (8000, 80.0, 79.5)]:
+        _cell(results / "efficiency", f"cmhsa5_n{n}", "CMHSA-5 (two-phase)", ours, n=n)
+        _cell(results / "efficiency", f"deit_base_n{n}", "DeiT-base", deit, n=n)
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "60.00 vs 30.00 from random init, +30.00 points (noise ±1.00) — **agrees**" in report
+    assert "without − with = -0.50 points (noise ±1.00) — **agrees** with the paper (no worse" in report
+    assert "with − without = +5.00 points (noise ±1.00) — **agrees**" in report
+    assert "1000: +10.00 (agrees), 8000: +0.50 (inconclusive)" in report
+    assert "The gap narrows from +10.00 at 1000 images to +0.50 at 8000" in report
+    assert (results / "warmup" / "warmup.png").exists() and (results / "efficiency" / "efficiency.png").exists()
+
+    # a warm-up that hurts random init by more than the noise disagrees
+    _cell(results / "warmup", "random_warmup", "Random init, w/ warm-up", 45.0, curve=[25.0])
+    assert "with − without = -5.00 points (noise ±1.00) — **disagrees**" in write_report(results, configs=GRIDS).read_text()
+
+
+def test_report_ablations_with_phase2_analysis(tmp_path):
+    results = tmp_path / "results"
+    transfer = {"bias_strength": 10, "null_key": True, "qk_std": 0.02, "float64": {"logits_error": 1e-3},
+                "float32": {"logits_error": 1e-3}, "val_before_conversion": {"val_top1": 60.0},
+                "val_after_conversion": {"top1": 59.0}}
+    for cell, beta in (("beta10", 10), ("beta60", 60)):
+        _cell(results / "ablations", cell, f"beta = {beta}", 70.0, curve=[65.0], transfer=dict(transfer, bias_strength=beta))
+        for c in read_cells(results / "ablations"):
+            c["config"]["convert"] = {"bias_strength": c["transfer"]["bias_strength"]}
+            (results / "ablations" / "cells" / f"{c['cell']}__seed0.json").write_text(json.dumps(c))
+    over = [{"epoch": e, "offset_mass": 1.0 - 0.1 * e, "positional_share": 0.9, "conv_projection_error": 0.05 * e}
+            for e in range(3)]
+    (results / "analysis" / "ablations-beta10").mkdir(parents=True)
+    (results / "analysis" / "ablations-beta10" / "analysis.json").write_text(json.dumps(
+        {"remaining_convolution_over_checkpoints": over}))
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "| beta = 10 | 1.0e-03 | 1.0e-03 | 60.00 → 59.00 | 70.00 | 1.000 | 0.800 | 0.900 | 0.100 |" in report
+    assert "| beta = 60 | 1.0e-03 | 1.0e-03 | 60.00 → 59.00 | 70.00 | 1.000 | — | — | — |" in report
+    assert (results / "ablations" / "ablations.png").exists()
+    assert "0.1" in (results / "ablations" / "summary.csv").read_text().splitlines()[1].split(",")[-1]
+
+
 def test_experiment_cli_quick_budget(tmp_path, capsys):
     """`cmhsa experiment <grid> --budget quick` end to end on the shipped ablations grid (minutes, tiny sizes)."""
     args = ["experiment", "ablations", "--budget", "quick", "--cells", "beta60_nonull",

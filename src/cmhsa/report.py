@@ -110,6 +110,32 @@ def _table1(grid: Path) -> Optional[str]:
     return "\n".join(lines + ["", *_table1_claims(groups)])
 
 
+def _judge(gap: float, noise: Optional[float], expected: float, at_least: bool = False) -> str:
+    """'agrees', 'disagrees', 'inconclusive' or 'unjudged': a measured gap against the paper's sign.
+    ``at_least``: the paper only claims "no worse", so a gap within the noise agrees."""
+    if noise is None:
+        return "unjudged"
+    if abs(gap) <= noise:
+        return "agrees" if at_least else "inconclusive"
+    return "agrees" if (gap > 0) == (expected > 0) else "disagrees"
+
+
+def _verdict(gap: float, noise: Optional[float], expected: float, at_least: bool = False) -> str:
+    return {"unjudged": "one seed so far: no spread to judge the gap against",
+            "inconclusive": "**inconclusive**: the gap is within the noise",
+            "agrees": "**agrees** with the paper" + (" (no worse, within the noise)" if at_least and
+                                                     abs(gap) <= (noise or 0) else ""),
+            "disagrees": "**disagrees** with the paper"}[_judge(gap, noise, expected, at_least)]
+
+
+def _seed_noise(table1: Path) -> Optional[float]:
+    """Noise level for one-seed grids: the std of a difference of two single runs, sqrt(2) x the mean seed std of
+    the table1 rows (same data, recipe and epoch budget)."""
+    stds = [_mean_std(v)[1] for v in (
+        [c["final"]["val_top1"] for c in g] for g in _by_label(read_cells(table1)).values()) if len(v) > 1]
+    return 2 ** 0.5 * statistics.fmean(stds) if stds else None
+
+
 def _claim(groups, a: str, b: str, paper_gap: float, text: str) -> Optional[str]:
     if a not in groups or b not in groups:
         return None
@@ -117,14 +143,7 @@ def _claim(groups, a: str, b: str, paper_gap: float, text: str) -> Optional[str]
     tb = [c["final"]["val_top1"] for c in groups[b]]
     gap = statistics.fmean(ta) - statistics.fmean(tb)
     spread = max(_mean_std(ta)[1], _mean_std(tb)[1])
-    if min(len(ta), len(tb)) < 2:
-        verdict = "one seed so far: no spread to judge the gap against"
-    elif abs(gap) <= spread:
-        verdict = "**inconclusive**: the gap is within the seed spread"
-    elif (gap > 0) == (paper_gap > 0):
-        verdict = "**agrees** with the paper"
-    else:
-        verdict = "**disagrees** with the paper"
+    verdict = _verdict(gap, spread if min(len(ta), len(tb)) > 1 else None, paper_gap)
     return (f"- {text}: {a} − {b} = {gap:+.2f} points here (seed spread ±{spread:.2f}), {paper_gap:+.2f} in the "
             f"paper — {verdict}.")
 
@@ -147,7 +166,28 @@ def _table1_claims(groups) -> List[str]:
 
 # --- warmup (Figure 2) ---------------------------------------------------------------------------------------------
 
-def _warmup(grid: Path) -> Optional[str]:
+def _warmup_claims(cells: List[dict], noise: Optional[float]) -> List[str]:
+    """Paper §4.3 / Fig. 2: conv init starts ahead, needs no warm-up; random init needs it."""
+    by = {c["cell"]: c for c in cells}
+    noise_text = f"noise ±{noise:.2f}" if noise is not None else "no noise estimate"
+    claims = []
+    if {"conv_nowarmup", "random_nowarmup"} <= set(by):
+        a, b = (_curve(by[k], "val_top1")[0] for k in ("conv_nowarmup", "random_nowarmup"))
+        claims.append(f"- Conv initialisation starts the attention phase ahead (top-1 after its first epoch, no "
+                      f"warm-up): {a:.2f} vs {b:.2f} from random init, {a - b:+.2f} points ({noise_text}) — "
+                      f"{_verdict(a - b, noise, +1)}.")
+    for init, key, claim, at_least in (("conv", "Convolutional", "needs no warm-up", True),
+                                       ("random", "Random", "benefits from warm-up", False)):
+        if {f"{init}_warmup", f"{init}_nowarmup"} <= set(by):
+            w, wo = (by[f"{init}_{k}"]["final"]["val_top1"] for k in ("warmup", "nowarmup"))
+            gap = wo - w if at_least else w - wo
+            claims.append(f"- {key} init {claim}: final top-1 {wo:.2f} without vs {w:.2f} with warm-up, "
+                          f"{'without − with' if at_least else 'with − without'} = {gap:+.2f} points ({noise_text}) "
+                          f"— {_verdict(gap, noise, +1, at_least)}.")
+    return claims
+
+
+def _warmup(grid: Path, noise: Optional[float] = None) -> Optional[str]:
     cells = read_cells(grid)
     if not cells:
         return None
@@ -167,12 +207,32 @@ def _warmup(grid: Path) -> Optional[str]:
     fig.tight_layout()
     fig.savefig(grid / "warmup.png", dpi=120)
     plt.close(fig)
-    return "\n".join([f"![warm-up]({grid.name}/warmup.png)", "", *rows])
+    return "\n".join([f"![warm-up]({grid.name}/warmup.png)", "", *rows, "", *_warmup_claims(cells, noise)])
 
 
 # --- efficiency -------------------------------------------------------------------------------------------------
 
-def _efficiency(grid: Path) -> Optional[str]:
+def _efficiency_claims(curves: Dict[str, Dict[int, List[float]]], noise: Optional[float]) -> List[str]:
+    """The paper's low-data claim, size by size: two-phase CMHSA vs DeiT, and whether the gap closes with data."""
+    ours, deit = curves.get("CMHSA-5 (two-phase)"), curves.get("DeiT-base")
+    if not ours or not deit:
+        return []
+    sizes = sorted(set(ours) & set(deit))
+    gaps = {n: statistics.fmean(ours[n]) - statistics.fmean(deit[n]) for n in sizes}
+    noise_text = f"noise ±{noise:.2f}" if noise is not None else "no noise estimate"
+    lines = [f"- Two-phase CMHSA-5 − DeiT-base, by training-set size ({noise_text}): "
+             + ", ".join(f"{n}: {g:+.2f} ({_judge(g, noise, +1)})"
+                         for n, g in gaps.items()) + "."]
+    if len(sizes) > 1:
+        first, last = gaps[sizes[0]], gaps[sizes[-1]]
+        trend = "narrows" if first - last > (noise or 0) else "widens" if last - first > (noise or 0) else \
+            "stays about the same"
+        lines.append(f"- The gap {trend} from {first:+.2f} at {sizes[0]} images to {last:+.2f} at {sizes[-1]}: the "
+                     f"paper argues the convolutional start matters most when data is scarce.")
+    return lines
+
+
+def _efficiency(grid: Path, noise: Optional[float] = None) -> Optional[str]:
     cells = read_cells(grid)
     if not cells:
         return None
@@ -197,35 +257,80 @@ def _efficiency(grid: Path) -> Optional[str]:
     fig.savefig(grid / "efficiency.png", dpi=120)
     plt.close(fig)
     _write_csv(grid / "summary.csv", csv_rows)
-    return "\n".join([f"![efficiency]({grid.name}/efficiency.png)", "", *rows])
+    return "\n".join([f"![efficiency]({grid.name}/efficiency.png)", "", *rows, "",
+                      *_efficiency_claims(curves, noise)])
 
 
 # --- ablations ----------------------------------------------------------------------------------------------------
+
+def _ablation_analysis(results: Path, cell: str) -> Optional[dict]:
+    """``cmhsa analyze`` output for an ablation run, if it was analysed into results/analysis/ablations-<cell>."""
+    path = results / "analysis" / f"ablations-{cell}" / "analysis.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
 
 def _ablations(grid: Path) -> Optional[str]:
     cells = read_cells(grid)
     if not cells:
         return None
+    cells = sorted(cells, key=lambda c: (c["config"]["convert"]["bias_strength"], c["label"]))
     rows = ["| setting | logits error f64 | logits error f32 | top-1 before → right after conversion | "
-            "final top-1 | final val loss |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+            "final top-1 | final val loss | after phase 2: mass on conv offsets | positional logit share | "
+            "distance from a conv |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     csv_rows = []
-    for c in sorted(cells, key=lambda c: (c["config"]["convert"]["bias_strength"], c["label"])):
+    fig, (ax_top1, ax_mass, ax_conv) = plt.subplots(1, 3, figsize=(15, 4))
+    for i, c in enumerate(cells):
         t = c["transfer"]
         before, after = t["val_before_conversion"]["val_top1"], t["val_after_conversion"]["top1"]
+        rc = (_ablation_analysis(grid.parent, c["cell"]) or {}).get("remaining_convolution_over_checkpoints")
+        end = rc[-1] if rc else None
         rows.append(f"| {c['label']} | {t['float64']['logits_error']:.1e} | {t['float32']['logits_error']:.1e} | "
-                    f"{before:.2f} → {after:.2f} | {c['final']['val_top1']:.2f} | {c['final']['val_loss']:.3f} |")
+                    f"{before:.2f} → {after:.2f} | {c['final']['val_top1']:.2f} | {c['final']['val_loss']:.3f} | "
+                    + (f"{end['offset_mass']:.3f} | {end['positional_share']:.3f} | "
+                       f"{end['conv_projection_error']:.3f} |" if end else "— | — | — |"))
         csv_rows.append({"setting": c["label"], "bias_strength": t["bias_strength"], "null_key": t["null_key"],
                          "qk_std": t.get("qk_std", 0.0), "logits_error_f64": t["float64"]["logits_error"],
-                         "top1_before": before, "top1_after_conversion": after, "final_top1": c["final"]["val_top1"]})
+                         "top1_before": before, "top1_after_conversion": after, "final_top1": c["final"]["val_top1"],
+                         "offset_mass": end["offset_mass"] if end else "",
+                         "positional_share": end["positional_share"] if end else "",
+                         "conv_projection_error": end["conv_projection_error"] if end else ""})
+        # epoch 0 = right after conversion, then every phase-2 epoch
+        top1 = [after] + _curve(c, "val_top1")
+        ax_top1.plot(range(len(top1)), top1, "-o", ms=3, color=f"C{i}", label=c["label"])
+        if rc:
+            epochs = [r["epoch"] for r in rc]
+            ax_mass.plot(epochs, [r["offset_mass"] for r in rc], "-o", ms=3, color=f"C{i}", label=c["label"])
+            ax_conv.plot(epochs, [r["conv_projection_error"] for r in rc], "-o", ms=3, color=f"C{i}",
+                         label=c["label"])
+    ax_top1.set(xlabel="phase-2 epoch (0 = right after conversion)", ylabel="val top-1 (%)", title="Accuracy")
+    ax_mass.set(xlabel="phase-2 epoch", ylabel="attention mass on the conv offsets",
+                title="Does attention leave the conv pattern?")
+    ax_conv.set(xlabel="phase-2 epoch", ylabel="relative distance from the best KxK conv",
+                title="How far each layer is from a convolution")
+    for ax in (ax_top1, ax_mass, ax_conv):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(grid / "ablations.png", dpi=120)
+    plt.close(fig)
     _write_csv(grid / "summary.csv", csv_rows)
-    return "\n".join(rows)
+    analysed = any(r["offset_mass"] != "" for r in csv_rows)
+    note = ("The last three columns and the middle/right panels come from `cmhsa analyze` on each run's phase-2 "
+            "checkpoints (one per epoch; 256 validation images); each run's full analysis is in "
+            "`results/analysis/ablations-<cell>/`." if analysed else
+            "Run `cmhsa analyze runs/experiments/ablations/full/<cell>/seed0 --out results/analysis/ablations-<cell>` "
+            "to add what phase 2 learns per setting.")
+    return "\n".join([f"![ablations]({grid.name}/ablations.png)", "", *rows, "", note])
 
 
 # --- analysis -----------------------------------------------------------------------------------------------------
 
 def _analysis(results: Path) -> Optional[str]:
     """One table across the analysed models, two overview figures, and each model's own figures."""
-    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("analysis/*/analysis.json"))}
+    # the ablation runs are summarised in their own section
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(results.glob("analysis/*/analysis.json"))
+            if not p.parent.name.startswith("ablations-")}
     if not runs:
         return None
     rows = ["| model | top-1 (sample) | attention distance, first → last layer (patches) | shift consistency, "
@@ -269,7 +374,8 @@ def _hardware(grids: List[Path]) -> str:
     for grid in grids:
         for c in read_cells(grid):
             hw = c.get("hardware", {})
-            seen.add(f"{hw.get('cpu', '?')}, {hw.get('threads', '?')} threads, torch {hw.get('torch', '?')}"
+            threads = hw.get("threads", "?")
+            seen.add(f"{hw.get('cpu', '?')}, {threads} thread{'' if threads == 1 else 's'}, torch {hw.get('torch', '?')}"
                      + (f", GPU {hw['cuda']}" if hw.get("cuda") else ""))
     return "; ".join(sorted(seen)) or "unknown"
 
@@ -303,10 +409,11 @@ def write_report(results: str | Path = "results", budget: str = "full",
     if not results.exists():
         raise FileNotFoundError(f"{results} does not exist; run `cmhsa experiment <name>` first")
     grids = {name: grid_dir(results, name, budget) for name in COMMANDS}
+    noise = _seed_noise(grids["table1"])
     sections = [
         ("Table 1: the paper's rows at CPU scale", "table1", _table1(grids["table1"])),
-        ("Figure 2: warm-up", "warmup", _warmup(grids["warmup"])),
-        ("Data efficiency", "efficiency", _efficiency(grids["efficiency"])),
+        ("Figure 2: warm-up", "warmup", _warmup(grids["warmup"], noise)),
+        ("Data efficiency", "efficiency", _efficiency(grids["efficiency"], noise)),
         ("Ablations: bias strength, null key, W_Q = W_K = 0", "ablations", _ablations(grids["ablations"])),
         ("Analysis: what the attention does after conversion", None, _analysis(results)),
     ]

@@ -303,9 +303,9 @@ def _ablations(grid: Path) -> Optional[str]:
             ax_conv.plot(epochs, [r["conv_projection_error"] for r in rc], "-o", ms=3, color=f"C{i}",
                          label=c["label"])
     ax_top1.set(xlabel="phase-2 epoch (0 = right after conversion)", ylabel="val top-1 (%)", title="Accuracy")
-    ax_mass.set(xlabel="phase-2 epoch", ylabel="attention mass on the conv offsets",
+    ax_mass.set(xlabel="phase-2 epoch", ylabel="attention mass on the conv offsets", ylim=(0, 1.02),
                 title="Does attention leave the conv pattern?")
-    ax_conv.set(xlabel="phase-2 epoch", ylabel="relative distance from the best KxK conv",
+    ax_conv.set(xlabel="phase-2 epoch", ylabel="relative distance from the best KxK conv", ylim=(0, 1.02),
                 title="How far each layer is from a convolution")
     for ax in (ax_top1, ax_mass, ax_conv):
         ax.grid(alpha=0.3)

@@ -315,13 +315,17 @@ def _ablations(grid: Path) -> Optional[str]:
     fig.savefig(grid / "ablations.png", dpi=120)
     plt.close(fig)
     _write_csv(grid / "summary.csv", csv_rows)
+    best = max(csv_rows, key=lambda r: r["final_top1"])
+    exact = [r["setting"] for r in csv_rows if r["logits_error_f64"] < 1e-6]
+    summary = (f"Best final top-1: {best['setting']} ({best['final_top1']:.2f}). Exact conversions (float64 logits "
+               f"error < 1e-6): {', '.join(exact) or 'none'}; the others start phase 2 from a perturbed network.")
     analysed = any(r["offset_mass"] != "" for r in csv_rows)
     note = ("The last three columns and the middle/right panels come from `cmhsa analyze` on each run's phase-2 "
             "checkpoints (one per epoch; 256 validation images); each run's full analysis is in "
             "`results/analysis/ablations-<cell>/`." if analysed else
             "Run `cmhsa analyze runs/experiments/ablations/full/<cell>/seed0 --out results/analysis/ablations-<cell>` "
             "to add what phase 2 learns per setting.")
-    return "\n".join([f"![ablations]({grid.name}/ablations.png)", "", *rows, "", note])
+    return "\n".join([f"![ablations]({grid.name}/ablations.png)", "", *rows, "", summary, "", note])
 
 
 # --- analysis -----------------------------------------------------------------------------------------------------

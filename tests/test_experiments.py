@@ -169,6 +169,8 @@ def test_report_ablations_with_phase2_analysis(tmp_path):
     assert "| beta = 10 | 1.0e-03 | 1.0e-03 | 60.00 → 59.00 | 70.00 | 1.000 | 0.800 | 0.900 | 0.100 |" in report
     assert "| beta = 60 | 1.0e-03 | 1.0e-03 | 60.00 → 59.00 | 70.00 | 1.000 | — | — | — |" in report
     assert "Exact conversions (float64 logits error < 1e-6): none" in report
+    assert "A softer bias than the exact conversion: beta = 10 − beta = 60 = +0.00 points final top-1 (no noise " \
+        "estimate)" in report
     assert (results / "ablations" / "ablations.png").exists()
     assert "0.1" in (results / "ablations" / "summary.csv").read_text().splitlines()[1].split(",")[-1]
 

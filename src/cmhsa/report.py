@@ -269,7 +269,29 @@ def _ablation_analysis(results: Path, cell: str) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _ablations(grid: Path) -> Optional[str]:
+# (cell, cell it is measured against, what the difference isolates)
+ABLATION_PAIRS = [
+    ("beta10", "beta60", "A softer bias than the exact conversion"),
+    ("beta10", "beta10_qk0", "W_Q, W_K started small rather than at the stationary point 0 (the paper's construction)"),
+    ("beta60", "beta60_nonull", "The null key (exact at the border) rather than the paper's construction"),
+]
+
+
+def _ablation_pairs(cells: List[dict], noise: Optional[float]) -> List[str]:
+    by = {c["cell"]: c for c in cells}
+    noise_text = f"noise ±{noise:.2f}" if noise is not None else "no noise estimate"
+    lines = []
+    for a, b, text in ABLATION_PAIRS:
+        if a in by and b in by:
+            gap = by[a]["final"]["val_top1"] - by[b]["final"]["val_top1"]
+            judged = "no noise estimate" if noise is None else "beyond the noise" if abs(gap) > noise else \
+                "within the noise"
+            lines.append(f"- {text}: {by[a]['label']} − {by[b]['label']} = {gap:+.2f} points final top-1 "
+                         f"({noise_text}) — {judged}.")
+    return lines
+
+
+def _ablations(grid: Path, noise: Optional[float] = None) -> Optional[str]:
     cells = read_cells(grid)
     if not cells:
         return None
@@ -309,8 +331,7 @@ def _ablations(grid: Path) -> Optional[str]:
                 title="How far each layer is from a convolution")
     for ax in (ax_top1, ax_mass, ax_conv):
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+    ax_top1.legend(fontsize=7)  # one colour per setting in every panel
     fig.tight_layout()
     fig.savefig(grid / "ablations.png", dpi=120)
     plt.close(fig)
@@ -325,7 +346,8 @@ def _ablations(grid: Path) -> Optional[str]:
             "`results/analysis/ablations-<cell>/`." if analysed else
             "Run `cmhsa analyze runs/experiments/ablations/full/<cell>/seed0 --out results/analysis/ablations-<cell>` "
             "to add what phase 2 learns per setting.")
-    return "\n".join([f"![ablations]({grid.name}/ablations.png)", "", *rows, "", summary, "", note])
+    return "\n".join([f"![ablations]({grid.name}/ablations.png)", "", *rows, "", summary, "",
+                      *_ablation_pairs(cells, noise), "", note])
 
 
 # --- analysis -----------------------------------------------------------------------------------------------------
@@ -418,7 +440,7 @@ def write_report(results: str | Path = "results", budget: str = "full",
         ("Table 1: the paper's rows at CPU scale", "table1", _table1(grids["table1"])),
         ("Figure 2: warm-up", "warmup", _warmup(grids["warmup"], noise)),
         ("Data efficiency", "efficiency", _efficiency(grids["efficiency"], noise)),
-        ("Ablations: bias strength, null key, W_Q = W_K = 0", "ablations", _ablations(grids["ablations"])),
+        ("Ablations: bias strength, null key, W_Q = W_K = 0", "ablations", _ablations(grids["ablations"], noise)),
         ("Analysis: what the attention does after conversion", None, _analysis(results)),
     ]
     out = ["# cmhsa: results", "",

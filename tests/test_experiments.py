@@ -143,6 +143,9 @@ def test_report_judges_one_seed_grids_against_table1_noise(tmp_path):
     assert "with − without = +5.00 points (noise ±1.00) — **agrees**" in report
     assert "1000: +10.00 (agrees), 8000: +0.50 (inconclusive)" in report
     assert "The gap narrows from +10.00 at 1000 images to +0.50 at 8000" in report
+    assert "## At a glance" in report and "5 of the paper's claims agree with our measurements, 0 disagree, " \
+        "0 are inconclusive" in report  # 3 warm-up, DeiT vs ViT, efficiency at 1000 images
+    assert "+10.00 points at 1000 images (noise ±1.00) — **agrees** with the paper" in report
     assert (results / "warmup" / "warmup.png").exists() and (results / "efficiency" / "efficiency.png").exists()
 
     # a warm-up that hurts random init by more than the noise disagrees

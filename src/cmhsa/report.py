@@ -220,9 +220,10 @@ def _efficiency_claims(curves: Dict[str, Dict[int, List[float]]], noise: Optiona
     sizes = sorted(set(ours) & set(deit))
     gaps = {n: statistics.fmean(ours[n]) - statistics.fmean(deit[n]) for n in sizes}
     noise_text = f"noise ±{noise:.2f}" if noise is not None else "no noise estimate"
-    lines = [f"- Two-phase CMHSA-5 − DeiT-base, by training-set size ({noise_text}): "
-             + ", ".join(f"{n}: {g:+.2f} ({_judge(g, noise, +1)})"
-                         for n, g in gaps.items()) + "."]
+    smallest = sizes[0]
+    lines = [f"- Two-phase CMHSA-5 beats DeiT-base with little data: {gaps[smallest]:+.2f} points at {smallest} "
+             f"images ({noise_text}) — {_verdict(gaps[smallest], noise, +1)}. By training-set size: "
+             + ", ".join(f"{n}: {g:+.2f} ({_judge(g, noise, +1)})" for n, g in gaps.items()) + "."]
     if len(sizes) > 1:
         first, last = gaps[sizes[0]], gaps[sizes[-1]]
         trend = "narrows" if first - last > (noise or 0) else "widens" if last - first > (noise or 0) else \
@@ -428,6 +429,20 @@ def _setup(configs: Path) -> str:
     return "\n".join(parts)
 
 
+def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> List[str]:
+    """Every verdict on a paper claim, gathered from the sections into one list at the top."""
+    verdicts = [(title, line) for title, _, body in sections for line in (body or "").splitlines()
+                if line.startswith("- ") and any(f"**{v}**" in line for v in ("agrees", "disagrees", "inconclusive"))]
+    if not verdicts:
+        return []
+    counts = {v: sum(f"**{v}**" in line for _, line in verdicts) for v in ("agrees", "disagrees", "inconclusive")}
+    return ["## At a glance", "",
+            f"{counts['agrees']} of the paper's claims agree with our measurements, {counts['disagrees']} disagree, "
+            f"{counts['inconclusive']} are inconclusive (gap within the noise). Each is explained in its section.", "",
+            "| section | claim and measurement |", "| --- | --- |",
+            *(f"| {title.split(':')[0]} | {line[2:]} |" for title, line in verdicts), ""]
+
+
 def write_report(results: str | Path = "results", budget: str = "full",
                  configs: str | Path = "configs/experiments") -> Path:
     """Write ``results/REPORT.md`` (and the figures and summary CSVs) from what ``results/`` holds."""
@@ -447,7 +462,8 @@ def write_report(results: str | Path = "results", budget: str = "full",
            "Li et al., *Can Vision Transformers Perform Convolution?* (2021), measured on data this machine has: "
            "Fashion-MNIST low-data subsets on a 2-core CPU, beside the paper's CIFAR-100 numbers. Every number "
            "below is read from `results/*/cells/*.json`; regenerate with `cmhsa report results`.", "",
-           f"Hardware: {_hardware(list(grids.values()))}.", "", "## Setup", "", _setup(Path(configs)), ""]
+           f"Hardware: {_hardware(list(grids.values()))}.", "", *_at_a_glance(sections),
+           "## Setup", "", _setup(Path(configs)), ""]
     for title, grid, body in sections:
         out += [f"## {title}", ""]
         if body is None:

@@ -252,6 +252,8 @@ def _efficiency(grid: Path, noise: Optional[float] = None) -> Optional[str]:
                      for n in xs]
     ax.set(xscale="log", xlabel="training images (Fashion-MNIST, stratified)", ylabel="val top-1 (%)",
            title="Data efficiency")
+    ax.set_xticks(sizes, [str(n) for n in sizes], minor=False)
+    ax.set_xticks([], minor=True)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

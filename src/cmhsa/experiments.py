@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -72,6 +73,18 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
             out.append({"cell": cell["name"], "label": cell.get("label", cell["name"]),
                         "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config})
     return out
+
+
+def git_state() -> Dict[str, Any]:
+    """The commit of the code that ran, and whether its tree had uncommitted changes (None outside a checkout)."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def hardware() -> Dict[str, Any]:
@@ -142,7 +155,7 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
         else:
             if progress:
                 print(header)
-            record.update(_run_cell(entry, progress), budget=budget, hardware=hardware())
+            record.update(_run_cell(entry, progress), budget=budget, hardware=hardware(), git=git_state())
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(path)

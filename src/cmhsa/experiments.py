@@ -139,6 +139,7 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
     out = results_dir(spec, budget, results_root)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     entries = cell_configs(spec, budget, seeds, runs_root, only)
+    code = git_state()  # the code as it was when the grid started, not when a cell ends
     for i, entry in enumerate(entries, 1):
         path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
         if path.exists() and json.loads(path.read_text())["config"] == entry["config"]:
@@ -155,7 +156,7 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
         else:
             if progress:
                 print(header)
-            record.update(_run_cell(entry, progress), budget=budget, hardware=hardware(), git=git_state())
+            record.update(_run_cell(entry, progress), budget=budget, hardware=hardware(), git=code)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(path)

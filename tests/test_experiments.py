@@ -60,6 +60,9 @@ def test_runner_writes_cells_skips_finished_and_reports(tmp_path):
     assert two["transfer"]["float64"]["logits_error"] <= 1e-8
     assert len(two["phases"]["phase1"]) == 1 and len(two["phases"]["phase2"]) == 1
     assert "cpu" in two["hardware"] and two["train_seconds"] > 0
+    # scored once more on the whole test split: digits holds out 359 of its 1,797 images
+    assert all(c["test"]["images"] == 359 and 0 <= c["test"]["top1"] <= 100 for c in cells)
+    assert two["git"]["commit"] is None or len(two["git"]["commit"]) == 40
     assert list(runs.rglob("model.safetensors")) and not list(results.rglob("*.safetensors"))  # checkpoints stay out
 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
@@ -211,3 +214,30 @@ def test_report_analysis_section(tmp_path):
     report = write_report(tmp_path / "results", configs=GRIDS).read_text()
     assert "| cmhsa5 | 80.0 | 1.50 → 2.50 | 0.90 / 1.00 | 0.80 | 0.750 | 0.600 | 0.300 |" in report
     assert (tmp_path / "results/analysis/overview.png").exists() and "analysis/cmhsa5/shift.png" in report
+
+
+def test_grid_sizes_and_step_budget(tmp_path):
+    """sizes repeat cells per subset size with its batch size; steps become epochs for that size."""
+    spec = yaml.safe_load(make_grid(tmp_path).read_text())
+    spec.update(sizes={100: 10, 400: 20}, steps={"phase1": 50}, warmup_steps={"phase1": 10})
+    spec["cells"][1]["steps"] = {"phase2": 25}
+    spec["cells"].append({"name": "fixed", "kind": "train", "train_size": 300,
+                          "overrides": ["model.name=cmhsa3_conv_tiny", "data.train_subset=300"]})
+    path = tmp_path / "sized.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    entries = {e["cell"]: e["config"] for e in cell_configs(load_experiment(path), "full", [0])}
+    assert sorted(entries) == ["conv_n100", "conv_n400", "fixed", "two_phase_n100", "two_phase_n400"]
+    small, large = entries["conv_n100"], entries["conv_n400"]
+    assert (small["data"]["train_subset"], small["train"]["batch_size"]) == (100, 10)
+    assert (large["data"]["train_subset"], large["train"]["batch_size"]) == (400, 20)
+    # 50 steps: 10 per epoch -> 5 epochs; 20 per epoch -> ceil(2.5) = 3; warm-up 10 steps -> 1 epoch each
+    assert (small["phase1"]["epochs"], large["phase1"]["epochs"]) == (5, 3)
+    assert small["phase1"]["warmup_epochs"] == large["phase1"]["warmup_epochs"] == 1
+    assert (entries["two_phase_n100"]["phase2"]["epochs"], entries["two_phase_n400"]["phase2"]["epochs"]) == (3, 2)
+    # a cell with its own train_size keeps it, and the grid's batch 64: 4 steps per epoch -> ceil(12.5) = 13
+    assert entries["fixed"]["data"]["train_subset"] == 300 and entries["fixed"]["phase1"]["epochs"] == 13
+
+    spec["sizes"] = {100: 200}
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="sizes must map training-subset sizes to batch sizes"):
+        load_experiment(path)

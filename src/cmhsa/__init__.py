@@ -6,3 +6,4 @@ from .bounds import best_fit_error, best_fit_errors, head_lower_bound
 from .models import CMHSA, convert_model, transfer_error
 
 __version__ = "0.1.0"
+from . import baselines  # registers vit_mimetic with timm

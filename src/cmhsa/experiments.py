@@ -8,10 +8,17 @@ convert -> phase 2) or ``train`` (one model, trained with the ``phase1`` setting
 hardware. A finished cell is skipped; an interrupted one resumes from its checkpoint. A cell whose run config is
 identical (apart from its name and output directory) to a finished cell of any grid under the same results root
 reuses that record instead of training again; the record says where it came from (``reused_from``).
+
+Budgets in optimizer steps. A cell (or the grid's ``steps``) may give ``steps: {phase1: S1, phase2: S2}`` and
+``warmup_steps``: they become epochs for the cell's subset size and batch size (``ceil(S / (n // batch))``), so a
+small subset trains for as many updates as a large one. A grid with ``sizes: {n: batch_size, ...}`` repeats every
+cell that has no ``train_size`` of its own at each subset size ``n`` (named ``<cell>_n<n>``), with that batch size.
+Every finished cell is also scored once on the dataset's whole test split (``test`` in its record).
 """
 from __future__ import annotations
 
 import json
+import math
 import platform
 import subprocess
 from pathlib import Path
@@ -21,7 +28,8 @@ import torch
 import yaml
 
 from .config import apply_overrides, load_config, save_config, train_config
-from .pipeline import create_model, model_spec, run_pipeline, train_phase
+from .engine import evaluate, resolve_device, resolve_precision
+from .pipeline import build_loaders, create_model, load_model, model_spec, run_pipeline, train_phase
 from .plots import read_metrics
 
 __all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished", "read_cells", "hardware"]
@@ -38,6 +46,7 @@ def load_experiment(path: str | Path) -> Dict[str, Any]:
         if key not in spec:
             raise ValueError(f"{path}: missing '{key}' (an experiment needs name, base, cells; see configs/experiments)")
     spec["base"] = str((path.parent / spec["base"]).resolve())
+    spec["cells"] = _expand_sizes(spec, path)
     names = [c["name"] for c in spec["cells"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: cell names must be unique, got {names}")
@@ -45,6 +54,44 @@ def load_experiment(path: str | Path) -> Dict[str, Any]:
         if cell.get("kind", "pipeline") not in ("pipeline", "train"):
             raise ValueError(f"{path}: cell {cell['name']!r} has kind {cell.get('kind')!r}; use pipeline or train")
     return spec
+
+
+def _expand_sizes(spec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
+    """Cells repeated over the grid's ``sizes`` ({subset size: batch size}); cells with a train_size stay as they are."""
+    sizes = spec.get("sizes")
+    if not sizes:
+        return spec["cells"]
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and isinstance(b, int) and 0 < b <= n
+                                                for n, b in sizes.items()):
+        raise ValueError(f"{path}: sizes must map training-subset sizes to batch sizes, e.g. {{1000: 32, 2000: 64}}, "
+                         f"got {sizes!r}")
+    cells = []
+    for cell in spec["cells"]:
+        if "train_size" in cell:
+            cells.append(cell)
+            continue
+        for n, batch in sizes.items():
+            cells.append({**cell, "name": f"{cell['name']}_n{n}", "train_size": n,
+                          "overrides": [*cell.get("overrides", []), f"data.train_subset={n}",
+                                        f"train.batch_size={batch}"]})
+    return cells
+
+
+def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: Dict[str, Any]) -> List[str]:
+    """Overrides that turn the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase into epochs."""
+    overrides = []
+    n = config["data"]["train_subset"]
+    for key, epochs_key in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
+        for phase, steps in {**spec.get(key, {}), **cell.get(key, {})}.items():
+            if not isinstance(n, int):
+                raise ValueError(f"cell {cell['name']!r}: a budget in steps needs data.train_subset as an image "
+                                 f"count, got {n!r}")
+            batch = {**config["train"], **config.get(phase, {})}.get("batch_size", 128)
+            per_epoch = n // batch
+            if per_epoch < 1:
+                raise ValueError(f"cell {cell['name']!r}: batch size {batch} exceeds the {n} training images")
+            overrides.append(f"{phase}.{epochs_key}={math.ceil(steps / per_epoch)}")
+    return overrides
 
 
 def results_dir(spec: Dict[str, Any], budget: str, root: str | Path = "results") -> Path:
@@ -64,8 +111,8 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
         for cell in spec["cells"]:
             if only and cell["name"] not in only:
                 continue
-            config = load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", []),
-                                                *budget_overrides])
+            config = load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", [])])
+            config = apply_overrides(config, [*_step_budget(spec, cell, config), *budget_overrides])
             config = apply_overrides(config, [
                 f"train.seed={seed}", f"name={cell['name']}",
                 f"output={Path(runs_root) / spec['name'] / budget / cell['name'] / f'seed{seed}'}",
@@ -94,6 +141,18 @@ def hardware() -> Dict[str, Any]:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def _test_metrics(config: Dict[str, Any], run: Path) -> Dict[str, Any]:
+    """The run's final weights scored on the dataset's whole test split (``data.val_subset`` lifted)."""
+    model, spec, _ = load_model(run, which="last")
+    full = apply_overrides(config, ["data.val_subset=null"])
+    cfg = train_config(full, "phase1", spec["kwargs"]["num_classes"])
+    device = resolve_device(cfg)
+    _, test_loader, _ = build_loaders(full, 256, spec["kwargs"]["in_chans"])
+    metrics = evaluate(model.to(device), test_loader, device, resolve_precision(device, cfg.precision),
+                       cfg.num_classes)
+    return {**metrics, "images": len(test_loader.dataset)}
+
+
 def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
     config, out = entry["config"], Path(entry["config"]["output"])
     # resume an interrupted run of the same config; a changed config starts the cell again
@@ -107,14 +166,14 @@ def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
         final = phases["phase2"][-1]
         return {"final": final, "phases": phases, "params": summary["phase2"]["params"],
                 "train_seconds": summary["phase1"]["train_seconds"] + summary["phase2"]["train_seconds"],
-                "transfer": summary["transfer"]}
+                "transfer": summary["transfer"], "test": _test_metrics(config, out)}
     spec = model_spec(config)
     model = create_model(spec, seed=train_config(config, "phase1", spec["kwargs"]["num_classes"]).seed)
     params = sum(p.numel() for p in model.parameters())
     train_phase(model, spec, config, "phase1", out / "train", resume=resume, progress=progress)
     lines = read_metrics(out / "train" / "metrics.jsonl")
     return {"final": lines[-1], "phases": {"train": lines}, "params": params,
-            "train_seconds": sum(m["epoch_seconds"] for m in lines)}
+            "train_seconds": sum(m["epoch_seconds"] for m in lines), "test": _test_metrics(config, out / "train")}
 
 
 def _run_identity(record: Dict[str, Any]) -> tuple:

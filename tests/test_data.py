@@ -247,6 +247,11 @@ def test_subsets_through_create_datasets(mnist_dir):
     idx = stratified_subset(arrays["train-labels-idx1-ubyte"], 20, seed=3)
     np.testing.assert_array_equal(train.images[..., 0], arrays["train-images-idx3-ubyte"][idx])
     assert [train[i][1] for i in range(len(train))] == train.labels.tolist()
+    # another seed draws other training images but scores on the same validation images
+    train4, val4, _ = create_datasets("mnist", 28, 1, data_dir=str(folder), train_subset=20, val_subset=0.5,
+                                      augment="none", seed=4)
+    assert not np.array_equal(train4.images, train.images)
+    np.testing.assert_array_equal(val4.images, val.images)
 
 
 # --------------------------------------------------------------------------------------------- missing data

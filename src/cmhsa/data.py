@@ -659,8 +659,9 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
     (np.ndarray) and ``.classes``.
 
     - ``data_dir``: where the files are (Fashion-MNIST defaults to the Debian package's folder; digits needs none).
-    - ``train_subset`` / ``val_subset``: a count or fraction, drawn with :func:`stratified_subset` and ``seed``.
-      ``seed`` only picks subsets; augmentation randomness comes from the loader (see :func:`create_loader`).
+    - ``train_subset`` / ``val_subset``: a count or fraction, drawn with :func:`stratified_subset`. ``seed`` picks
+      the training subset only: the validation subset is the same for every seed, so runs are scored on the same
+      images. Augmentation randomness comes from the loader (see :func:`create_loader`).
     - ``augment`` (training only; validation never augments): ``"none"``; ``"light"``: random crop of the
       image zero-padded by 1/8 of its side, plus horizontal flip; ``"deit"``: DeiT's recipe through timm
       (RandAugment rand-m9-mstd0.5-inc1, random resized crop, bicubic, random erasing 0.25 in pixel mode).
@@ -699,7 +700,7 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
         _pad_amounts(info.native_size, size)  # fail now, not at the first batch
 
     train_indices = None if train_subset is None else stratified_subset(raw.train_labels, train_subset, seed)
-    val_indices = None if val_subset is None else stratified_subset(raw.val_labels, val_subset, seed)
+    val_indices = None if val_subset is None else stratified_subset(raw.val_labels, val_subset, seed=0)
     if augment == "deit":
         train_transform = _DeitTransform(size, in_chans, mean, std, pad=resize == "pad")
     else:

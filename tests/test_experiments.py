@@ -290,3 +290,10 @@ def test_report_converged_protocol(tmp_path):
     for seed, ours in enumerate((83.0, 83.5, 82.5)):
         _converged_cell(results, "Two-phase, our recipe", 2000, seed, ours, flat)
     assert "2000: +1.00 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
+
+
+def test_at_a_glance_section_titles_keep_their_parentheses_closed():
+    from cmhsa.report import _short_title
+    assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"
+    assert _short_title("Figure 2: warm-up (short budget)") == "Figure 2"
+    assert _short_title("Data efficiency (short budget)") == "Data efficiency (short budget)"

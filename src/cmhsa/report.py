@@ -633,7 +633,13 @@ def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> Li
             f"{counts['agrees']} of the paper's claims agree with our measurements, {counts['disagrees']} disagree, "
             f"{counts['inconclusive']} are inconclusive (gap within the noise). Each is explained in its section.", "",
             "| section | claim and measurement |", "| --- | --- |",
-            *(f"| {title.split(':')[0]} | {line[2:]} |" for title, line in verdicts), ""]
+            *(f"| {_short_title(title)} | {line[2:]} |" for title, line in verdicts), ""]
+
+
+def _short_title(title: str) -> str:
+    """A section title up to its first colon or parenthesis: "Table 1 (short budget: ...)" -> "Table 1 (short budget)"."""
+    head = title.split(":")[0]
+    return head + ")" if head.count("(") > head.count(")") else head
 
 
 def write_report(results: str | Path = "results", budget: str = "full",

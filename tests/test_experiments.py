@@ -8,7 +8,7 @@ import yaml
 from cmhsa.cli import main
 from cmhsa.config import train_config
 from cmhsa.experiments import cell_configs, load_experiment, read_cells, run_experiment
-from cmhsa.report import write_report
+from cmhsa.report import _short_title, write_report
 
 GRIDS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 TINY_MODEL = "{patch_size: 2, pixel_dim: 8, depth: 1, mlp_ratio: 1.0}"
@@ -293,7 +293,6 @@ def test_report_converged_protocol(tmp_path):
 
 
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():
-    from cmhsa.report import _short_title
     assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"
     assert _short_title("Figure 2: warm-up (short budget)") == "Figure 2"
     assert _short_title("Data efficiency (short budget)") == "Data efficiency (short budget)"

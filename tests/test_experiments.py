@@ -296,3 +296,15 @@ def test_at_a_glance_section_titles_keep_their_parentheses_closed():
     assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"
     assert _short_title("Figure 2: warm-up (short budget)") == "Figure 2"
     assert _short_title("Data efficiency (short budget)") == "Data efficiency (short budget)"
+
+
+def test_report_forms_section_judges_the_gap_against_two_standard_errors(tmp_path):
+    grid = tmp_path / "results" / "forms"
+    for label, values in {"CMHSA-5, paper form": [80.0, 81.0, 82.0], "CMHSA-5, factorized form": [80.5, 81.5, 82.5]}.items():
+        for seed, v in enumerate(values):
+            _cell(grid, label.split(", ")[1].replace(" ", "_"), label, v, seed=seed, test={"top1": v},
+                  phases={"phase2": [{"epoch_seconds": 2.0}, {"epoch_seconds": 4.0}]})
+    report = write_report(tmp_path / "results", configs=GRIDS).read_text()
+    assert "| CMHSA-5, factorized form | 81.50 ± 0.58 (3) | 3.0 | 0.00M |" in report
+    # gap +0.50, 2 SE = 2 * sqrt(1/3 + 1/3) = 1.63: within the noise
+    assert "Factorized − paper form: +0.50 points on the full test set (2 SE ±1.63): within the noise" in report

@@ -41,6 +41,7 @@ COMMANDS = {
     "warmup": "cmhsa experiment warmup --budget full",
     "efficiency": "cmhsa experiment efficiency --budget full",
     "ablations": "cmhsa experiment ablations --budget full",
+    "forms": "cmhsa experiment forms --budget full",
 }
 
 
@@ -546,6 +547,33 @@ def _ablations(grid: Path, noise: Optional[float] = None) -> Optional[str]:
 
 # --- analysis -----------------------------------------------------------------------------------------------------
 
+def _forms(grid: Path) -> Optional[str]:
+    """Paper form vs factorized form of the attention phase: the same two-phase run, only ``convert.form`` differs."""
+    groups = _by_label(read_cells(grid))
+    if not groups:
+        return None
+    rows = ["| attention phase | test top-1 (mean ± SE, seeds) | phase-2 s/epoch | params |",
+            "| --- | ---: | ---: | ---: |"]
+    test = {}
+    for label, cells in groups.items():
+        test[label] = [c["test"]["top1"] for c in cells]
+        seconds = statistics.fmean(m["epoch_seconds"] for c in cells for m in c["phases"]["phase2"])
+        rows.append(f"| {label} | {_se_text(test[label])} | {seconds:.1f} | {cells[0]['params'] / 1e6:.2f}M |")
+    lines = [*rows, ""]
+    paper, factorized = (next((lab for lab in test if key in lab), None) for key in ("paper form", "factorized form"))
+    if paper and factorized:
+        gap = statistics.fmean(test[factorized]) - statistics.fmean(test[paper])
+        noise = two_standard_errors(test[factorized], test[paper])
+        if noise is None:
+            lines.append(f"- Factorized − paper form: {gap:+.2f} points (one seed so far).")
+        else:
+            within = abs(gap) <= noise
+            lines.append(f"- Factorized − paper form: {gap:+.2f} points on the full test set (2 SE ±{noise:.2f}): "
+                         + ("within the noise, so the cheaper form gives the same accuracy." if within else
+                            "beyond the noise."))
+    return "\n".join(lines)
+
+
 def _analysis(results: Path) -> Optional[str]:
     """One table across the analysed models, two overview figures, and each model's own figures."""
     # the ablation runs are summarised in their own section
@@ -658,6 +686,8 @@ def write_report(results: str | Path = "results", budget: str = "full",
         ("Figure 2: warm-up (short budget)", "warmup", _warmup(grids["warmup"], noise)),
         ("Data efficiency (short budget)", "efficiency", _efficiency(grids["efficiency"], noise)),
         ("Ablations (short budget): bias strength, null key, W_Q = W_K = 0", "ablations", _ablations(grids["ablations"], noise)),
+        ("Attention forms: the paper's layer against the factorized layer (short budget)", "forms",
+         _forms(grids["forms"])),
         ("Analysis: what the attention does after conversion", None, _analysis(results)),
     ]
     out = ["# cmhsa: results", "",

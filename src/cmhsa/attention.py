@@ -268,7 +268,7 @@ class FactorizedRelPosMHSA(RelPosAttention):
             if self.null_bias is not None:
                 v = F.pad(v, (0, 0, 0, 1))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout).sum(1)
-        return self.proj_drop(x + self.bias)
+        return self.proj_drop(x + self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, "

@@ -37,6 +37,8 @@ DEFAULTS: Dict[str, Any] = {
         "bias_strength": DEFAULT_BIAS_STRENGTH,
         "null_key": True,
         "qk_std": 0.0,  # > 0 starts W_Q, W_K small and random so content attention can be learned in phase 2
+        "form": "paper",  # attention form of phase 2: 'paper' (the paper's layer) or 'factorized' (same function)
+        "qk_dim": None,  # Q/K head size of the factorized form (None: token width // heads)
         "kwargs": {},  # training-only settings of the attention model, e.g. drop_path_rate
     },
     "train": {},

@@ -2,26 +2,27 @@
 
 The convolution maps the patches around query patch ``q`` to its output patch as ``y_q = sum_d X_{q+d} T_d``,
 one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
-needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), copies the
-patch (``W_V = I``) and applies ``T_d`` in its slice of ``W_O``. A null key (DESIGN.md §1) makes border patches
-whose neighbour is missing read zeros, which is exactly zero padding.
+needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), and makes
+the head's value map ``T_d``: in the paper's form it copies the patch (``W_V = I``) and applies ``T_d`` in its slice
+of ``W_O``; in the factorized form ``M_h = T_d`` directly. A null key makes border patches whose neighbour is
+missing read zeros, which is exactly zero padding.
 """
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .attention import RelPosMHSA
+from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
 from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa", "verify", "VerifyReport",
-    "DEFAULT_BIAS_STRENGTH",
+    "DEFAULT_BIAS_STRENGTH", "FORMS",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
@@ -181,6 +182,59 @@ def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntO
     return len(same_padding_geometry(kernel_size, patch_size, dilation, stride).offsets())
 
 
+def _paper_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int], null_key: bool,
+                 qk_dim: Optional[int], qk_std: float) -> RelPosMHSA:
+    """The paper's layer: full-width heads, ``W_V^h = I``, ``T_d`` in head h's slice of ``W_O``."""
+    if qk_dim is not None:
+        raise ValueError(f"qk_dim={qk_dim} applies to form='factorized' only: the paper's form has one head size, "
+                         f"the token width; leave qk_dim unset (None) for form='paper'")
+    used, dim, out_dim = blocks.shape
+    # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
+    with torch.device("meta"):
+        mhsa = RelPosMHSA(dim, heads, dim, grid, out_dim=out_dim, null_key=null_key)
+    mhsa = mhsa.to_empty(device=blocks.device).to(blocks.dtype)
+    mhsa.qkv.weight.zero_()
+    mhsa.qkv.bias.zero_()
+    if qk_std > 0:
+        mhsa.qkv.weight[:2 * heads * dim].normal_(0.0, qk_std)
+    mhsa.qkv.weight[2 * heads * dim:] = torch.eye(dim).repeat(heads, 1)
+    # W_O: head h applies T_{d_h}; inert padding heads get zero blocks
+    proj = blocks.new_zeros(heads, dim, out_dim)
+    proj[:used] = blocks
+    mhsa.proj.weight.copy_(proj.reshape(heads * dim, out_dim).T)
+    mhsa.proj.bias.copy_(out_bias)
+    return mhsa
+
+
+def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
+                      null_key: bool, qk_dim: Optional[int], qk_std: float) -> FactorizedRelPosMHSA:
+    """The factorized layer: ``M_h = T_{d_h}``, queries and keys of size ``qk_dim``."""
+    used, dim, out_dim = blocks.shape
+    with torch.device("meta"):
+        mhsa = FactorizedRelPosMHSA(dim, heads, grid, out_dim=out_dim, qk_dim=qk_dim, null_key=null_key)
+    mhsa = mhsa.to_empty(device=blocks.device).to(blocks.dtype)
+    mhsa.qk.weight.zero_()
+    mhsa.qk.bias.zero_()
+    if qk_std > 0:
+        mhsa.qk.weight.normal_(0.0, qk_std)
+    m = blocks.new_zeros(heads, dim, out_dim)
+    m[:used] = blocks
+    mhsa.value.weight.copy_(m.transpose(1, 2).reshape(heads * out_dim, dim))
+    mhsa.value.bias.zero_()
+    mhsa.bias.copy_(out_bias)
+    return mhsa
+
+
+# form -> builder(blocks (used, D, D_out), output bias (D_out,), heads, grid, null_key, qk_dim, qk_std): a layer
+# whose value path computes the blocks; conv_to_mhsa then sets the position biases, the same in every form
+FORMS: Dict[str, Callable[..., RelPosAttention]] = {"paper": _paper_layer, "factorized": _factorized_layer}
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+
+
 def conv_to_mhsa(
         conv: nn.Conv2d,
         patch_size: IntOrPair,
@@ -189,18 +243,25 @@ def conv_to_mhsa(
         null_key: bool = True,
         num_heads: Optional[int] = None,
         qk_std: float = 0.0,
-) -> RelPosMHSA:
-    """Build a :class:`RelPosMHSA` computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
+        form: str = "paper",
+        qk_dim: Optional[int] = None,
+) -> RelPosAttention:
+    """Build an attention layer computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
 
     Input tokens are ``image_to_tokens(x, P)``; output tokens are ``image_to_tokens(conv(x), P // stride)``.
     One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head);
     ``num_heads`` pads with inert heads to a fixed count. ``bias_strength`` (beta) sets the error, ~N*exp(-beta/2)
     with the null key: large is exact, small leaves the softmax trainable. The module has conv's dtype and device.
 
+    ``form='paper'`` builds the paper's :class:`RelPosMHSA` (head size = token width, ``W_V = I``);
+    ``form='factorized'`` a :class:`FactorizedRelPosMHSA` with ``M_h = T_d`` and Q/K head size ``qk_dim``
+    (default :func:`~cmhsa.attention.default_qk_dim`). Both are exact to the same ~exp(-beta/2).
+
     ``qk_std > 0`` draws ``W_Q, W_K ~ N(0, qk_std^2)`` instead of zeros. ``W_Q = W_K = 0`` is a stationary point: the
     gradient of each is proportional to the other, so content attention could never be learned from it. Small
     random values perturb the logits by far less than ``beta / 2``, so the conversion stays exact to ~exp(-beta/2).
     """
+    _check_form(form)
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
@@ -214,25 +275,11 @@ def conv_to_mhsa(
             f"this convolution needs {used} heads on {geometry.patch_size} patches (one per patch offset it reads), "
             f"got num_heads={num_heads}; fewer heads cannot be exact (see cmhsa.head_lower_bound / best_fit_error)"
         )
-    dim, out_dim = blocks.shape[1], blocks.shape[2]
-    # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
-    with torch.device("meta"):
-        mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key)
-    mhsa = mhsa.to_empty(device=conv.weight.device).to(conv.weight.dtype)
-    mhsa.reset_rel_pos_index()
+    q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
+    out_bias = conv.bias.detach().repeat(q_pixels) if conv.bias is not None else blocks.new_zeros(blocks.shape[2])
     with torch.no_grad():
-        # W_Q = W_K = 0 (or small, see qk_std): attention is positional; W_V = I in every head
-        mhsa.qkv.weight.zero_()
-        mhsa.qkv.bias.zero_()
-        if qk_std > 0:
-            mhsa.qkv.weight[:2 * heads * dim].normal_(0.0, qk_std)
-        mhsa.qkv.weight[2 * heads * dim:] = torch.eye(dim).repeat(heads, 1)
-        # W_O: head h applies T_{d_h}; inert padding heads get zero blocks
-        proj = torch.zeros(heads, dim, out_dim).to(blocks)
-        proj[:used] = blocks
-        mhsa.proj.weight.copy_(proj.reshape(heads * dim, out_dim).T)
-        q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
-        mhsa.proj.bias.copy_(conv.bias.detach().repeat(q_pixels) if conv.bias is not None else torch.zeros(out_dim))
+        mhsa = FORMS[form](blocks, out_bias, heads, (gh, gw), null_key, qk_dim, qk_std)
+        mhsa.reset_rel_pos_index()
         # head h: logit beta on its offset, 0 elsewhere; the null key at beta/2 wins only where the offset is missing
         mhsa.rel_pos_bias.zero_()
         mhsa.rel_pos_bias[torch.arange(used), mhsa.offset_index(offsets)] = bias_strength
@@ -255,6 +302,7 @@ class VerifyReport:
     interior_error: float    # ... over patches whose every head offset is inside the grid
     border_error: float      # ... over the other patches (0 if there are none)
     build_seconds: float
+    form: str = "paper"
 
     @property
     def relative_error(self) -> float:
@@ -262,6 +310,7 @@ class VerifyReport:
 
     def __str__(self) -> str:
         return "\n".join([
+            f"form             {self.form}",
             f"heads used       {self.num_heads} (lower bound for this kernel: {self.lower_bound})",
             f"grid             {self.grid_size[0]}x{self.grid_size[1]} patches, {self.dtype}, "
             f"null key {'on' if self.null_key else 'off'}, bias strength {self.bias_strength:g}",
@@ -292,8 +341,11 @@ def verify(
         bias_strength: float = DEFAULT_BIAS_STRENGTH,
         batch_size: int = 2,
         seed: int = 0,
+        form: str = "paper",
+        qk_dim: Optional[int] = None,
 ) -> VerifyReport:
-    """Convert ``conv`` and compare the MHSA with ``F.conv2d`` on a random batch, at every output position."""
+    """Convert ``conv`` to the attention ``form`` and compare with ``F.conv2d`` on a random batch, at every output
+    position."""
     from .bounds import head_lower_bound  # bounds builds on this module
 
     P = to_pair(patch_size, "patch_size")
@@ -303,7 +355,7 @@ def verify(
     grid = (H // P[0], W // P[1])
     conv = copy.deepcopy(conv).to(dtype)  # leave the caller's module untouched
     start = time.perf_counter()
-    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key)
+    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key, form=form, qk_dim=qk_dim)
     build_seconds = time.perf_counter() - start
 
     x = torch.randn(batch_size, conv.in_channels, H, W, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -324,5 +376,6 @@ def verify(
         interior_error=error[~border].max().item() if (~border).any() else 0.0,
         border_error=error[border].max().item() if border.any() else 0.0,
         build_seconds=build_seconds,
+        form=form,
     )
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .attention import RelPosMHSA
-from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
+from .attention import FactorizedRelPosMHSA, RelPosMHSA
+from .convert import DEFAULT_BIAS_STRENGTH, FORMS, conv_to_mhsa, required_heads
 from .tokens import image_to_tokens, to_pair, tokens_to_image
 
 __all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "MODEL_CONFIGS"]
@@ -98,8 +98,9 @@ class CMHSA(nn.Module):
     """The CMHSA model of paper §4, in its convolution phase (``mixer='conv'``) or attention phase (``'attn'``).
 
     Input (B, in_chans, img_size, img_size) -> logits (B, num_classes). ``num_heads=None`` uses the heads the
-    construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``); ``head_dim=None`` is the
-    token width ``D``, as in the paper.
+    construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``). The attention phase's
+    ``form`` is ``'paper'`` (:class:`RelPosMHSA`, head size ``head_dim``, default the token width ``D`` as in the
+    paper) or ``'factorized'`` (:class:`FactorizedRelPosMHSA`, one value map per head, Q/K head size ``qk_dim``).
     """
 
     def __init__(
@@ -123,6 +124,8 @@ class CMHSA(nn.Module):
             bias_strength: float = DEFAULT_BIAS_STRENGTH,
             null_key: bool = True,
             fix_embed: Optional[bool] = None,
+            form: str = "paper",
+            qk_dim: Optional[int] = None,
             **kwargs,
     ):
         super().__init__()
@@ -130,6 +133,12 @@ class CMHSA(nn.Module):
             raise TypeError(f"CMHSA got unexpected arguments {sorted(kwargs)}")
         if mixer not in ("conv", "attn"):
             raise ValueError(f"mixer must be 'conv' (phase 1) or 'attn' (phase 2), got {mixer!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+        if form == "paper" and qk_dim is not None:
+            raise ValueError(f"qk_dim={qk_dim} applies to form='factorized'; the paper form's Q/K size is head_dim")
+        if form == "factorized" and head_dim is not None:
+            raise ValueError(f"head_dim={head_dim} applies to form='paper'; the factorized form's Q/K size is qk_dim")
         # the paper fixes the patch projection to the identity in the convolution phase only
         fix_embed = (mixer == "conv") if fix_embed is None else fix_embed
         self.config: Dict[str, Any] = dict(
@@ -137,7 +146,7 @@ class CMHSA(nn.Module):
             pixel_dim=pixel_dim, depth=depth, mixer=mixer, kernel_size=kernel_size, num_heads=num_heads,
             head_dim=head_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, bias_strength=bias_strength,
-            null_key=null_key, fix_embed=fix_embed,
+            null_key=null_key, fix_embed=fix_embed, form=form, qk_dim=qk_dim,
         )
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed)
@@ -149,6 +158,9 @@ class CMHSA(nn.Module):
         def make_mixer() -> nn.Module:
             if mixer == "conv":
                 return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid)
+            if form == "factorized":
+                return FactorizedRelPosMHSA(dim, self.num_heads, grid, qk_dim=qk_dim, null_key=null_key,
+                                            attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
             return RelPosMHSA(dim, self.num_heads, self.head_dim, grid, null_key=null_key,
                               attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
 
@@ -195,10 +207,12 @@ class CMHSA(nn.Module):
 
 @torch.no_grad()
 def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGTH, null_key: bool = True,
-                  fix_embed: bool = False, qk_std: float = 0.0, **overrides) -> CMHSA:
+                  fix_embed: bool = False, qk_std: float = 0.0, form: str = "paper", qk_dim: Optional[int] = None,
+                  **overrides) -> CMHSA:
     """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
 
-    Every weight outside the token mixers is copied; each conv mixer becomes a RelPosMHSA by :func:`conv_to_mhsa`.
+    Every weight outside the token mixers is copied; each conv mixer becomes an attention layer of ``form``
+    (``'paper'`` or ``'factorized'``, Q/K head size ``qk_dim``) by :func:`conv_to_mhsa`.
     ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch projection is
     trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than at the
     stationary point 0 (see :func:`conv_to_mhsa`).
@@ -206,11 +220,13 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
-                 "num_classes", "head_dim", "mixer"} & set(overrides)
+                 "num_classes", "head_dim", "mixer", "form", "qk_dim"} & set(overrides)
     if forbidden:
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,
-                  fix_embed=fix_embed, **overrides)
+                  fix_embed=fix_embed, form=form, qk_dim=qk_dim, **overrides)
+    if form == "factorized":
+        config["head_dim"] = None
     with torch.device("meta"):
         attn_model = CMHSA(**config)
     attn_model = attn_model.to_empty(device=_device_of(conv_model)).to(_dtype_of(conv_model))
@@ -220,7 +236,8 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     patch, grid = attn_model.patch_embed.patch_size, attn_model.patch_embed.grid_size
     for conv_block, attn_block in zip(conv_model.blocks, attn_model.blocks):
         attn_block.mixer = conv_to_mhsa(conv_block.mixer.conv, patch, grid, bias_strength=bias_strength,
-                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std)
+                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std,
+                                        form=form, qk_dim=qk_dim)
         attn_block.mixer.attn_drop = config["attn_drop_rate"]
         attn_block.mixer.proj_drop.p = config["proj_drop_rate"]
     attn_model.patch_embed.proj.requires_grad_(not fix_embed)
@@ -269,14 +286,16 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 # name -> model arguments; "paper" sizes follow §4 (224 px, P = 16, D = 768, 6 layers, 9 heads of 768, FFN 3072),
 # "tiny" sizes are for 28-32 px grey or colour images on a CPU
 MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {}
+# "conv" is phase 1, "attn" phase 2 in the paper's form, "fattn" phase 2 in the factorized form
 for _k in (3, 5):
-    for _mixer in ("conv", "attn"):
-        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_224"] = dict(
-            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, mixer=_mixer,
+    for _kind, _mixer in (("conv", dict(mixer="conv")), ("attn", dict(mixer="attn")),
+                          ("fattn", dict(mixer="attn", form="factorized"))):
+        MODEL_CONFIGS[f"cmhsa{_k}_{_kind}_224"] = dict(
+            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, **_mixer,
             kernel_size=_k, num_heads=9, mlp_ratio=4.0)
-        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_tiny"] = dict(
+        MODEL_CONFIGS[f"cmhsa{_k}_{_kind}_tiny"] = dict(
             img_size=28, patch_size=4, in_chans=1, num_classes=10, embed="pixel", pixel_dim=8, depth=6,
-            mixer=_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
+            **_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> CMHSA:

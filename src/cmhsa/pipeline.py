@@ -73,7 +73,8 @@ def converted_spec(model: CMHSA) -> Dict[str, Any]:
     """The model spec of a converted (attention-phase) CMHSA: its timm name and full config."""
     k = model.config["kernel_size"]
     size = "224" if model.config["img_size"] == 224 and model.config["patch_size"] == 16 else "tiny"
-    return {"name": f"cmhsa{k}_attn_{size}", "kwargs": dict(model.config)}
+    kind = "fattn" if model.config.get("form") == "factorized" else "attn"
+    return {"name": f"cmhsa{k}_{kind}_{size}", "kwargs": dict(model.config)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -126,7 +127,7 @@ def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) ->
     """Convert phase 1 -> phase 2 and measure the transfer error in float64 (exactness) and float32."""
     c = config["convert"]
     kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
-              **c.get("kwargs", {}))
+              form=c.get("form", "paper"), qk_dim=c.get("qk_dim"), **c.get("kwargs", {}))
     conv_model = conv_model.cpu().float().eval()
     attn_model = convert_model(conv_model, **kw)
     conv64 = CMHSA(**conv_model.config).double()
@@ -135,6 +136,7 @@ def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) ->
         "float64": transfer_error(conv64, convert_model(conv64, **kw), sample.double()),
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c["bias_strength"], "null_key": c["null_key"], "qk_std": c.get("qk_std", 0.0),
+        "form": kw["form"],
     }
     return attn_model, report
 

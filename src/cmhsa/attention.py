@@ -17,7 +17,8 @@ class RelPosMHSA(nn.Module):
     """MHSA on a grid of tokens, logits ``q.k / sqrt(head_dim) + B_h[pos(k) - pos(q)]`` (paper eq. 4).
 
     The bias table holds one learnable scalar per head and per offset of the grid, ``(2*gh-1) * (2*gw-1)``
-    offsets, as timm's ``RelPosBias``. With ``null_key=True`` every head also sees one extra key whose key and
+    offsets, as timm's ``RelPosBias``. With ``circular=True`` offsets are taken modulo the grid (a torus, as circular
+    padding sees the image), so the table has ``gh * gw`` columns and ``pos(k) - pos(q)`` wraps. With ``null_key=True`` every head also sees one extra key whose key and
     value vectors are zero and whose logit is a learnable per-head scalar: a head can put its weight "nowhere",
     which is what zero padding needs at the image border (see DESIGN.md §1). Heads are full-size
     (``head_dim`` need not be ``dim / num_heads``), as in the paper's construction.
@@ -33,6 +34,7 @@ class RelPosMHSA(nn.Module):
             grid_size: IntOrPair,
             out_dim: Optional[int] = None,
             null_key: bool = True,
+            circular: bool = False,
             qkv_bias: bool = True,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
@@ -46,6 +48,7 @@ class RelPosMHSA(nn.Module):
         self.grid_size = to_pair(grid_size, "grid_size")
         self.out_dim = out_dim or dim
         self.scale = head_dim ** -0.5
+        self.circular = circular
 
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.attn_drop = attn_drop
@@ -56,7 +59,8 @@ class RelPosMHSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
         gh, gw = self.grid_size
-        self.rel_pos_bias = nn.Parameter(torch.zeros(num_heads, (2 * gh - 1) * (2 * gw - 1)))
+        table = gh * gw if circular else (2 * gh - 1) * (2 * gw - 1)
+        self.rel_pos_bias = nn.Parameter(torch.zeros(num_heads, table))
         self.register_buffer("rel_pos_index", torch.empty(gh * gw, gh * gw, dtype=torch.long), persistent=False)
         self.reset_rel_pos_index()
         self.null_bias = nn.Parameter(torch.zeros(num_heads)) if null_key else None
@@ -73,8 +77,11 @@ class RelPosMHSA(nn.Module):
             self.rel_pos_index.copy_(self.offset_index(offsets))
 
     def offset_index(self, offsets: torch.Tensor) -> torch.Tensor:
-        """Column of the bias table for offsets ``(..., 2)`` given as (dy, dx), each within the grid."""
+        """Column of the bias table for offsets ``(..., 2)`` given as (dy, dx), each within the grid (any integers
+        when ``circular``: they are taken modulo the grid)."""
         gh, gw = self.grid_size
+        if self.circular:
+            return offsets[..., 0].remainder(gh) * gw + offsets[..., 1].remainder(gw)
         return (offsets[..., 0] + gh - 1) * (2 * gw - 1) + (offsets[..., 1] + gw - 1)
 
     def position_bias(self) -> torch.Tensor:
@@ -125,4 +132,4 @@ class RelPosMHSA(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}")
+                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}, circular={self.circular}")

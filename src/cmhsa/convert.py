@@ -4,14 +4,15 @@ The convolution maps the patches around query patch ``q`` to its output patch as
 one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
 needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), copies the
 patch (``W_V = I``) and applies ``T_d`` in its slice of ``W_O``. A null key (DESIGN.md §1) makes border patches
-whose neighbour is missing read zeros, which is exactly zero padding.
+whose neighbour is missing read zeros, which is exactly zero padding. Circular padding needs no null key: offsets
+are taken modulo the grid, so every offset has a key (:func:`wrap_offsets`).
 """
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa", "verify", "VerifyReport",
-    "DEFAULT_BIAS_STRENGTH",
+    "DEFAULT_BIAS_STRENGTH", "wrap_offsets",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
@@ -36,6 +37,7 @@ class ConvGeometry:
     dilation: Tuple[int, int] = (1, 1)
     stride: Tuple[int, int] = (1, 1)
     pad_before: Tuple[int, int] = (0, 0)
+    circular: bool = False   # padding_mode='circular': offsets wrap around the grid
 
     @property
     def out_patch_size(self) -> Tuple[int, int]:
@@ -83,10 +85,10 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
     if min(P) < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size!r}")
     K, dil, stride = tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
-    if conv.padding_mode != "zeros":
+    if conv.padding_mode not in ("zeros", "circular"):
         raise ValueError(
-            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero padding only "
-            f"(padding_mode='zeros' with padding='same' or the equivalent integer padding)"
+            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero and circular "
+            f"padding only (padding_mode='zeros' or 'circular', with padding='same' or the equivalent integer padding)"
         )
     for axis in (0, 1):
         if P[axis] % stride[axis]:
@@ -119,7 +121,8 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
                     f"padding={conv.padding} with kernel_size={K}, dilation={dil}, stride={stride} does not keep "
                     f"the output at input_size/stride, so outputs do not form patches; {fix}"
                 )
-    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before)
+    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before,
+                        circular=conv.padding_mode == "circular")
 
 
 def _dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -154,6 +157,24 @@ def conv_blocks(weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -
     n = len(oy) * len(ox)
     blocks = blocks.reshape(n, -1, geometry.out_patch_size[0] * geometry.out_patch_size[1] * w.shape[0])
     return torch.cartesian_prod(oy, ox).reshape(-1, 2), blocks
+
+
+def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
+                 grid_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Circular padding: patch ``q + d`` is patch ``(q + d) mod grid``. Offsets that alias onto the same key (a grid
+    smaller than the kernel's reach) have their blocks summed, so each key is read by one head.
+
+    Returns the first offset of each alias class, in order of appearance, and their summed blocks.
+    """
+    classes: Dict[Tuple[int, int], int] = {}  # wrapped offset -> its head
+    which, first = [], []
+    for i, key in enumerate(map(tuple, offsets.remainder(torch.tensor(grid_size)).tolist())):
+        if key not in classes:
+            classes[key] = len(classes)
+            first.append(i)
+        which.append(classes[key])
+    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, torch.tensor(which), blocks)
+    return offsets[first], summed
 
 
 def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
@@ -193,7 +214,8 @@ def conv_to_mhsa(
     """Build a :class:`RelPosMHSA` computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
 
     Input tokens are ``image_to_tokens(x, P)``; output tokens are ``image_to_tokens(conv(x), P // stride)``.
-    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head);
+    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head; with
+    ``padding_mode='circular'`` offsets wrap modulo the grid, aliased ones share a head, and no null key is needed);
     ``num_heads`` pads with inert heads to a fixed count. ``bias_strength`` (beta) sets the error, ~N*exp(-beta/2)
     with the null key: large is exact, small leaves the softmax trainable. The module has conv's dtype and device.
 
@@ -204,8 +226,11 @@ def conv_to_mhsa(
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
-    inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
-    offsets, blocks = offsets[inside], blocks[inside]
+    if geometry.circular:
+        offsets, blocks = wrap_offsets(offsets, blocks, (gh, gw))
+    else:
+        inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
+        offsets, blocks = offsets[inside], blocks[inside]
     used = len(offsets)
     # a kernel that reads no patch inside the grid (tiny grid, large dilation) outputs its bias: one inert head
     heads = num_heads if num_heads is not None else max(used, 1)
@@ -217,7 +242,7 @@ def conv_to_mhsa(
     dim, out_dim = blocks.shape[1], blocks.shape[2]
     # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
     with torch.device("meta"):
-        mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key)
+        mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key, circular=geometry.circular)
     mhsa = mhsa.to_empty(device=conv.weight.device).to(conv.weight.dtype)
     mhsa.reset_rel_pos_index()
     with torch.no_grad():
@@ -310,7 +335,9 @@ def verify(
     geometry = conv_geometry(conv, P)
     expected = image_to_tokens(conv(x), geometry.out_patch_size)
     error = (mhsa(image_to_tokens(x, P)) - expected).abs().amax(dim=(0, 2))  # (N,)
-    border = border_patch_mask(geometry.offsets(), grid).flatten()
+    # circular padding has no border: every offset wraps onto a patch
+    border = torch.zeros(grid, dtype=torch.bool).flatten() if geometry.circular else \
+        border_patch_mask(geometry.offsets(), grid).flatten()
     return VerifyReport(
         num_heads=mhsa.num_heads,
         lower_bound=head_lower_bound(conv.weight, P, dilation=conv.dilation, stride=conv.stride,

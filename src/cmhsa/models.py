@@ -4,7 +4,8 @@ Paper §4: pre-LN blocks, no class token, global average pooling -> norm -> line
 pixel map (``D = P*P*c``), so the convolution mixer acts on the pixel map the tokens form and converts to MHSA by
 Theorem 1. ``embed='identity'`` is the paper (``c = C_in``, patch projection initialised to, and in phase 1 fixed
 at, the identity); ``embed='pixel'`` lifts each pixel ``C_in -> pixel_dim`` with a 1x1 conv before patchify, so small
-images get width without upsampling.
+images get width without upsampling. ``anchor='aps'`` starts the patch grid at an adaptively chosen polyphase
+offset and ``padding_mode='circular'`` makes the mixers circular: together the model is invariant to circular shifts.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .anchor import PolyphaseAnchor
 from .attention import RelPosMHSA
 from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
 from .tokens import image_to_tokens, to_pair, tokens_to_image
@@ -25,13 +27,17 @@ __all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transf
 
 class PatchEmbed(nn.Module):
     """Image (B, C_in, H, W) -> tokens (B, N, P*P*c), optionally after a per-pixel lift C_in -> c, then a linear
-    projection initialised to the identity (frozen when ``fix_proj``)."""
+    projection initialised to the identity (frozen when ``fix_proj``). ``anchor='aps'`` first rolls each image to
+    its adaptive polyphase anchor (:class:`cmhsa.anchor.PolyphaseAnchor`)."""
 
     def __init__(self, img_size, patch_size, in_chans: int, embed: str = "identity", pixel_dim: Optional[int] = None,
-                 fix_proj: bool = True):
+                 fix_proj: bool = True, anchor: Optional[str] = None):
         super().__init__()
         if embed not in ("identity", "pixel"):
             raise ValueError(f"embed must be 'identity' or 'pixel', got {embed!r}")
+        if anchor not in (None, "aps"):
+            raise ValueError(f"anchor must be None (fixed patch grid) or 'aps' (adaptive polyphase anchoring), "
+                             f"got {anchor!r}")
         self.img_size = to_pair(img_size, "img_size")
         self.patch_size = to_pair(patch_size, "patch_size")
         for a in (0, 1):
@@ -39,6 +45,7 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.anchor = PolyphaseAnchor(self.patch_size) if anchor == "aps" else nn.Identity()
         if embed == "pixel":
             if not pixel_dim:
                 raise ValueError("embed='pixel' needs pixel_dim (channels per pixel after the 1x1 lift)")
@@ -58,17 +65,18 @@ class PatchEmbed(nn.Module):
         """(B, C_in, H, W) -> (B, N, D)"""
         if x.shape[-2:] != self.img_size:
             raise ValueError(f"input is {tuple(x.shape[-2:])} but the model was built for img_size {self.img_size}")
-        return self.proj(image_to_tokens(self.lift(x), self.patch_size))
+        return self.proj(image_to_tokens(self.lift(self.anchor(x)), self.patch_size))
 
 
 class ConvMixer(nn.Module):
-    """Tokens (B, N, P*P*c) -> the pixel map (B, c, H, W) they form -> zero-'same'-padded KxK conv -> tokens."""
+    """Tokens (B, N, P*P*c) -> the pixel map (B, c, H, W) they form -> 'same'-padded KxK conv -> tokens.
+    ``padding_mode`` is the conv's: 'zeros' or 'circular'."""
 
-    def __init__(self, pixel_dim: int, kernel_size: int, patch_size, grid_size):
+    def __init__(self, pixel_dim: int, kernel_size: int, patch_size, grid_size, padding_mode: str = "zeros"):
         super().__init__()
         self.patch_size = to_pair(patch_size, "patch_size")
         self.grid_size = to_pair(grid_size, "grid_size")
-        self.conv = nn.Conv2d(pixel_dim, pixel_dim, kernel_size, padding="same")
+        self.conv = nn.Conv2d(pixel_dim, pixel_dim, kernel_size, padding="same", padding_mode=padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D)"""
@@ -99,7 +107,9 @@ class CMHSA(nn.Module):
 
     Input (B, in_chans, img_size, img_size) -> logits (B, num_classes). ``num_heads=None`` uses the heads the
     construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``); ``head_dim=None`` is the
-    token width ``D``, as in the paper.
+    token width ``D``, as in the paper. ``padding_mode='circular'`` pads the conv mixers circularly and makes the
+    attention's relative offsets wrap around the grid (what the conversion of a circular conv gives);
+    ``anchor='aps'`` anchors the patch grid adaptively (:class:`PatchEmbed`).
     """
 
     def __init__(
@@ -123,6 +133,8 @@ class CMHSA(nn.Module):
             bias_strength: float = DEFAULT_BIAS_STRENGTH,
             null_key: bool = True,
             fix_embed: Optional[bool] = None,
+            anchor: Optional[str] = None,
+            padding_mode: str = "zeros",
             **kwargs,
     ):
         super().__init__()
@@ -130,6 +142,9 @@ class CMHSA(nn.Module):
             raise TypeError(f"CMHSA got unexpected arguments {sorted(kwargs)}")
         if mixer not in ("conv", "attn"):
             raise ValueError(f"mixer must be 'conv' (phase 1) or 'attn' (phase 2), got {mixer!r}")
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros' or 'circular' (the padding the conv mixers use and the "
+                             f"attention mixers reproduce), got {padding_mode!r}")
         # the paper fixes the patch projection to the identity in the convolution phase only
         fix_embed = (mixer == "conv") if fix_embed is None else fix_embed
         self.config: Dict[str, Any] = dict(
@@ -137,10 +152,11 @@ class CMHSA(nn.Module):
             pixel_dim=pixel_dim, depth=depth, mixer=mixer, kernel_size=kernel_size, num_heads=num_heads,
             head_dim=head_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, bias_strength=bias_strength,
-            null_key=null_key, fix_embed=fix_embed,
+            null_key=null_key, fix_embed=fix_embed, anchor=anchor, padding_mode=padding_mode,
         )
         self.num_classes = num_classes
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed,
+                                      anchor=anchor)
         dim = self.num_features = self.embed_dim = self.patch_embed.embed_dim
         grid, patch = self.patch_embed.grid_size, self.patch_embed.patch_size
         self.num_heads = num_heads or required_heads(kernel_size, patch)
@@ -148,9 +164,9 @@ class CMHSA(nn.Module):
 
         def make_mixer() -> nn.Module:
             if mixer == "conv":
-                return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid)
+                return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid, padding_mode)
             return RelPosMHSA(dim, self.num_heads, self.head_dim, grid, null_key=null_key,
-                              attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+                              circular=padding_mode == "circular", attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
         self.blocks = nn.Sequential(*[
@@ -206,7 +222,7 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
-                 "num_classes", "head_dim", "mixer"} & set(overrides)
+                 "num_classes", "head_dim", "mixer", "anchor", "padding_mode"} & set(overrides)
     if forbidden:
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,

@@ -51,8 +51,10 @@ def _geometry_offsets(geometry: ConvGeometry, grid: Tuple[int, int]) -> torch.Te
     return offsets[inside]
 
 
-def _decode_offset(index: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+def _decode_offset(index: torch.Tensor, grid: Tuple[int, int], circular: bool = False) -> torch.Tensor:
     gh, gw = grid
+    if circular:  # a gh*gw table of offsets modulo the grid: report the one nearest to 0
+        return torch.stack([(index // gw + gh // 2) % gh - gh // 2, (index % gw + gw // 2) % gw - gw // 2], dim=-1)
     return torch.stack([index // (2 * gw - 1) - (gh - 1), index % (2 * gw - 1) - (gw - 1)], dim=-1)
 
 
@@ -63,7 +65,8 @@ def _head_offsets(layer: RelPosMHSA, offsets: Any, geometry: ConvGeometry, i: in
         if offsets == "geometry":
             ref = _geometry_offsets(geometry, layer.grid_size)[:H]
         elif offsets == "argmax":
-            ref = _decode_offset(layer.rel_pos_bias.detach().argmax(dim=1).cpu(), layer.grid_size)
+            ref = _decode_offset(layer.rel_pos_bias.detach().argmax(dim=1).cpu(), layer.grid_size,
+                                 layer.circular)
         else:
             raise ValueError(f"offsets must be 'geometry', 'argmax', an (H, 2) tensor or a list of them per layer, "
                              f"got {offsets!r}")

@@ -18,10 +18,11 @@ class RelPosMHSA(nn.Module):
 
     The bias table holds one learnable scalar per head and per offset of the grid, ``(2*gh-1) * (2*gw-1)``
     offsets, as timm's ``RelPosBias``. With ``circular=True`` offsets are taken modulo the grid (a torus, as circular
-    padding sees the image), so the table has ``gh * gw`` columns and ``pos(k) - pos(q)`` wraps. With ``null_key=True`` every head also sees one extra key whose key and
-    value vectors are zero and whose logit is a learnable per-head scalar: a head can put its weight "nowhere",
-    which is what zero padding needs at the image border (see DESIGN.md §1). Heads are full-size
-    (``head_dim`` need not be ``dim / num_heads``), as in the paper's construction.
+    padding sees the image), so the table has ``gh * gw`` columns and ``pos(k) - pos(q)`` wraps.
+    With ``null_key=True`` every head also sees one extra key whose key and value vectors are zero and whose logit
+    is a learnable per-head scalar: a head can put its weight "nowhere", which is what zero padding needs at the
+    image border (see DESIGN.md §1). Heads are full-size (``head_dim`` need not be ``dim / num_heads``), as in the
+    paper's construction.
 
     Input ``(B, N, dim)`` with ``N = gh * gw``, output ``(B, N, out_dim)``.
     """
@@ -132,4 +133,5 @@ class RelPosMHSA(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}, circular={self.circular}")
+                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}, "
+                f"circular={self.circular}")

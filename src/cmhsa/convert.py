@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 
 from .attention import RelPosMHSA
+from .local_attention import LocalRelPosMHSA
 from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa", "verify", "VerifyReport",
-    "DEFAULT_BIAS_STRENGTH", "wrap_offsets",
+    "DEFAULT_BIAS_STRENGTH", "wrap_offsets", "local_window",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
@@ -177,6 +178,12 @@ def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
     return offsets[first], summed
 
 
+def local_window(offsets: torch.Tensor) -> Tuple[int, int]:
+    """The smallest odd window, centred on the query, that holds every offset in ``offsets`` (n, 2)."""
+    reach = offsets.abs().amax(dim=0) if len(offsets) else torch.zeros(2, dtype=torch.long)
+    return 2 * int(reach[0]) + 1, 2 * int(reach[1]) + 1
+
+
 def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
                           stride: IntOrPair = 1) -> ConvGeometry:
     """Geometry of a kernel with zero 'same' padding (PyTorch's split; for stride > 1 the padding that keeps
@@ -210,7 +217,8 @@ def conv_to_mhsa(
         null_key: bool = True,
         num_heads: Optional[int] = None,
         qk_std: float = 0.0,
-) -> RelPosMHSA:
+        form: str = "paper",
+) -> nn.Module:
     """Build a :class:`RelPosMHSA` computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
 
     Input tokens are ``image_to_tokens(x, P)``; output tokens are ``image_to_tokens(conv(x), P // stride)``.
@@ -222,13 +230,20 @@ def conv_to_mhsa(
     ``qk_std > 0`` draws ``W_Q, W_K ~ N(0, qk_std^2)`` instead of zeros. ``W_Q = W_K = 0`` is a stationary point: the
     gradient of each is proportional to the other, so content attention could never be learned from it. Small
     random values perturb the logits by far less than ``beta / 2``, so the conversion stays exact to ~exp(-beta/2).
+
+    ``form='paper'`` builds the paper's global :class:`RelPosMHSA`; ``form='local'`` a :class:`LocalRelPosMHSA`
+    whose window holds exactly the offsets the kernel reaches (one head each, on any grid: missing neighbours go to
+    the null key, or wrap for circular padding), so the same layer computes the convolution at every image size.
     """
+    if form not in ("paper", "local"):
+        raise ValueError(f"form must be 'paper' (global attention) or 'local' (windowed attention), got {form!r}")
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
-    if geometry.circular:
+    # the local form keeps a head for every offset the kernel reaches: the grid, any size, decides at run time
+    if form == "paper" and geometry.circular:
         offsets, blocks = wrap_offsets(offsets, blocks, (gh, gw))
-    else:
+    elif form == "paper":
         inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
         offsets, blocks = offsets[inside], blocks[inside]
     used = len(offsets)
@@ -242,9 +257,15 @@ def conv_to_mhsa(
     dim, out_dim = blocks.shape[1], blocks.shape[2]
     # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
     with torch.device("meta"):
-        mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key, circular=geometry.circular)
+        if form == "local":
+            mhsa = LocalRelPosMHSA(dim, heads, dim, local_window(offsets), (gh, gw), out_dim=out_dim,
+                                   null_key=null_key, circular=geometry.circular)
+        else:
+            mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key,
+                              circular=geometry.circular)
     mhsa = mhsa.to_empty(device=conv.weight.device).to(conv.weight.dtype)
-    mhsa.reset_rel_pos_index()
+    if form == "paper":
+        mhsa.reset_rel_pos_index()
     with torch.no_grad():
         # W_Q = W_K = 0 (or small, see qk_std): attention is positional; W_V = I in every head
         mhsa.qkv.weight.zero_()
@@ -317,6 +338,7 @@ def verify(
         bias_strength: float = DEFAULT_BIAS_STRENGTH,
         batch_size: int = 2,
         seed: int = 0,
+        form: str = "paper",
 ) -> VerifyReport:
     """Convert ``conv`` and compare the MHSA with ``F.conv2d`` on a random batch, at every output position."""
     from .bounds import head_lower_bound  # bounds builds on this module
@@ -328,7 +350,7 @@ def verify(
     grid = (H // P[0], W // P[1])
     conv = copy.deepcopy(conv).to(dtype)  # leave the caller's module untouched
     start = time.perf_counter()
-    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key)
+    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key, form=form)
     build_seconds = time.perf_counter() - start
 
     x = torch.randn(batch_size, conv.in_channels, H, W, generator=torch.Generator().manual_seed(seed)).to(dtype)

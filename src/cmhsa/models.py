@@ -19,10 +19,12 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .anchor import PolyphaseAnchor
 from .attention import RelPosMHSA
-from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
+from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, local_window, required_heads, same_padding_geometry
+from .local_attention import LocalRelPosMHSA
 from .tokens import image_to_tokens, to_pair, tokens_to_image
 
-__all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "MODEL_CONFIGS"]
+__all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "with_img_size",
+           "MODEL_CONFIGS"]
 
 
 class PatchEmbed(nn.Module):
@@ -109,7 +111,9 @@ class CMHSA(nn.Module):
     construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``); ``head_dim=None`` is the
     token width ``D``, as in the paper. ``padding_mode='circular'`` pads the conv mixers circularly and makes the
     attention's relative offsets wrap around the grid (what the conversion of a circular conv gives);
-    ``anchor='aps'`` anchors the patch grid adaptively (:class:`PatchEmbed`).
+    ``anchor='aps'`` anchors the patch grid adaptively (:class:`PatchEmbed`). The attention phase's ``form`` is
+    ``'paper'`` (global :class:`RelPosMHSA`) or ``'local'`` (:class:`LocalRelPosMHSA` over the window of patch offsets
+    the ``kernel_size`` conv reaches: no parameter depends on the grid, see :func:`with_img_size`).
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class CMHSA(nn.Module):
             fix_embed: Optional[bool] = None,
             anchor: Optional[str] = None,
             padding_mode: str = "zeros",
+            form: str = "paper",
             **kwargs,
     ):
         super().__init__()
@@ -145,6 +150,8 @@ class CMHSA(nn.Module):
         if padding_mode not in ("zeros", "circular"):
             raise ValueError(f"padding_mode must be 'zeros' or 'circular' (the padding the conv mixers use and the "
                              f"attention mixers reproduce), got {padding_mode!r}")
+        if form not in ("paper", "local"):
+            raise ValueError(f"form must be 'paper' (global attention) or 'local' (windowed attention), got {form!r}")
         # the paper fixes the patch projection to the identity in the convolution phase only
         fix_embed = (mixer == "conv") if fix_embed is None else fix_embed
         self.config: Dict[str, Any] = dict(
@@ -153,6 +160,7 @@ class CMHSA(nn.Module):
             head_dim=head_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, bias_strength=bias_strength,
             null_key=null_key, fix_embed=fix_embed, anchor=anchor, padding_mode=padding_mode,
+            form=form,
         )
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed,
@@ -165,6 +173,11 @@ class CMHSA(nn.Module):
         def make_mixer() -> nn.Module:
             if mixer == "conv":
                 return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid, padding_mode)
+            if form == "local":
+                window = local_window(same_padding_geometry(kernel_size, patch).offsets())
+                return LocalRelPosMHSA(dim, self.num_heads, self.head_dim, window, grid, null_key=null_key,
+                                       circular=padding_mode == "circular", attn_drop=attn_drop_rate,
+                                       proj_drop=proj_drop_rate)
             return RelPosMHSA(dim, self.num_heads, self.head_dim, grid, null_key=null_key,
                               circular=padding_mode == "circular", attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
 
@@ -211,22 +224,22 @@ class CMHSA(nn.Module):
 
 @torch.no_grad()
 def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGTH, null_key: bool = True,
-                  fix_embed: bool = False, qk_std: float = 0.0, **overrides) -> CMHSA:
+                  fix_embed: bool = False, qk_std: float = 0.0, form: str = "paper", **overrides) -> CMHSA:
     """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
 
     Every weight outside the token mixers is copied; each conv mixer becomes a RelPosMHSA by :func:`conv_to_mhsa`.
     ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch projection is
     trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than at the
-    stationary point 0 (see :func:`conv_to_mhsa`).
+    stationary point 0 (see :func:`conv_to_mhsa`). ``form`` is the attention's, ``'paper'`` or ``'local'``.
     """
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
-                 "num_classes", "head_dim", "mixer", "anchor", "padding_mode"} & set(overrides)
+                 "num_classes", "head_dim", "mixer", "anchor", "padding_mode", "form"} & set(overrides)
     if forbidden:
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,
-                  fix_embed=fix_embed, **overrides)
+                  fix_embed=fix_embed, form=form, **overrides)
     with torch.device("meta"):
         attn_model = CMHSA(**config)
     attn_model = attn_model.to_empty(device=_device_of(conv_model)).to(_dtype_of(conv_model))
@@ -236,12 +249,32 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     patch, grid = attn_model.patch_embed.patch_size, attn_model.patch_embed.grid_size
     for conv_block, attn_block in zip(conv_model.blocks, attn_model.blocks):
         attn_block.mixer = conv_to_mhsa(conv_block.mixer.conv, patch, grid, bias_strength=bias_strength,
-                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std)
+                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std,
+                                        form=form)
         attn_block.mixer.attn_drop = config["attn_drop_rate"]
         attn_block.mixer.proj_drop.p = config["proj_drop_rate"]
     attn_model.patch_embed.proj.requires_grad_(not fix_embed)
     attn_model.train(conv_model.training)
     return attn_model
+
+
+@torch.no_grad()
+def with_img_size(model: CMHSA, img_size) -> CMHSA:
+    """The same model, weights shared by value, built for another ``img_size`` (same patch size).
+
+    Possible when no parameter depends on the patch grid: the convolution phase and the ``form='local'`` attention.
+    The global attention's bias table has one entry per grid offset, so it raises ``ValueError``.
+    """
+    if model.config["mixer"] == "attn" and model.config.get("form", "paper") != "local":
+        raise ValueError("the global attention (form='paper') has a bias table sized by the patch grid, so it runs at "
+                         "its img_size only; convert with form='local' to run at other sizes")
+    with torch.device("meta"):
+        twin = CMHSA(**dict(model.config, img_size=img_size))
+    twin = twin.to_empty(device=_device_of(model)).to(_dtype_of(model))
+    twin.load_state_dict(model.state_dict())
+    for mine, theirs in zip(twin.parameters(), model.parameters()):
+        mine.requires_grad_(theirs.requires_grad)
+    return twin.train(model.training)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -286,13 +319,15 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 # "tiny" sizes are for 28-32 px grey or colour images on a CPU
 MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {}
 for _k in (3, 5):
-    for _mixer in ("conv", "attn"):
-        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_224"] = dict(
-            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, mixer=_mixer,
+    # "lattn": the attention phase in the local form
+    for _tag, _mixer in (("conv", dict(mixer="conv")), ("attn", dict(mixer="attn")),
+                         ("lattn", dict(mixer="attn", form="local"))):
+        MODEL_CONFIGS[f"cmhsa{_k}_{_tag}_224"] = dict(
+            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, **_mixer,
             kernel_size=_k, num_heads=9, mlp_ratio=4.0)
-        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_tiny"] = dict(
+        MODEL_CONFIGS[f"cmhsa{_k}_{_tag}_tiny"] = dict(
             img_size=28, patch_size=4, in_chans=1, num_classes=10, embed="pixel", pixel_dim=8, depth=6,
-            mixer=_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
+            **_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> CMHSA:

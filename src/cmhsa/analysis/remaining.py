@@ -36,6 +36,9 @@ def _cmhsa_attention(model: nn.Module) -> CMHSA:
                 else type(model).__name__)
         raise ValueError(f"remaining_convolution needs a CMHSA attention-phase model (RelPosMHSA mixers), got "
                          f"{kind}; convert a phase-1 model first with cmhsa.convert_model")
+    if model.config.get("form", "paper") != "paper":
+        raise ValueError(f"remaining_convolution reads the global attention's bias table; this model's attention is "
+                         f"form={model.config['form']!r}; convert with form='paper'")
     return model
 
 

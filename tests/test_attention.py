@@ -42,10 +42,10 @@ def reference_factorized(m: FactorizedRelPosMHSA, x: torch.Tensor) -> torch.Tens
     return out
 
 
-def _layer(form: str, null_key: bool = True):
+def _layer(form: str, null_key: bool = True, grid=(3, 4), circular: bool = False):
     if form == "paper":
-        return RelPosMHSA(12, 3, 5, (3, 4), out_dim=7, null_key=null_key)
-    return FactorizedRelPosMHSA(12, 3, (3, 4), out_dim=7, qk_dim=5, null_key=null_key)
+        return RelPosMHSA(12, 3, 5, grid, out_dim=7, null_key=null_key, circular=circular)
+    return FactorizedRelPosMHSA(12, 3, grid, out_dim=7, qk_dim=5, null_key=null_key, circular=circular)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -153,3 +153,24 @@ def test_fused_and_explicit_paths_agree_in_gradients(form):
         grads.append([p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid", [(3, 4), (5, 5)])
+@pytest.mark.parametrize("form", ["paper", "factorized"])
+def test_circular_bias_wraps_and_commutes_with_rolling_the_grid(grid, form):
+    torch.manual_seed(0)
+    gh, gw = grid
+    m = _layer(form, null_key=False, grid=grid, circular=True).double()
+    assert m.rel_pos_bias.shape == (3, gh * gw)
+    torch.nn.init.normal_(m.rel_pos_bias)
+    # (pos(k) - pos(q)) mod grid: query (0, 0) and key (gh-1, 0) are one row apart, like offset (-1, 0)
+    assert m.offset_index(torch.tensor([gh - 1, 0])) == m.offset_index(torch.tensor([-1, 0]))
+    x = torch.randn(2, gh, gw, 12, dtype=torch.float64)
+    rolled = torch.roll(x, (1, 2), dims=(1, 2))
+    out, out_rolled = (m(t.flatten(1, 2)).view(2, gh, gw, -1) for t in (x, rolled))
+    torch.testing.assert_close(out_rolled, torch.roll(out, (1, 2), dims=(1, 2)), rtol=0, atol=1e-12)
+    plain = _layer(form, null_key=False, grid=grid).double()  # the non-wrapping table is not equivariant
+    torch.nn.init.normal_(plain.rel_pos_bias)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "rel_pos_bias"}, strict=False)
+    p_out, p_rolled = (plain(t.flatten(1, 2)).view(2, gh, gw, -1) for t in (x, rolled))
+    assert not torch.allclose(p_rolled, torch.roll(p_out, (1, 2), dims=(1, 2)), atol=1e-6)

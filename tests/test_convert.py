@@ -13,7 +13,7 @@ FORMS = ["paper", "factorized"]
 
 
 @st.composite
-def conv_cases(draw):
+def conv_cases(draw, padding_mode="zeros"):
     """A random supported convolution, patch size and image size."""
     P = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
     K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
@@ -32,9 +32,13 @@ def conv_cases(draw):
         # an odd reach on a stride-1 axis needs asymmetric padding: only 'same' (all strides 1) gives it
         assume(padding == "same" or all(stride[a] > 1 or dil[a] * (K[a] - 1) % 2 == 0 for a in (0, 1)))
     conv = nn.Conv2d(c_in, c_out, K, stride=stride, padding=padding, dilation=dil, groups=groups,
-                     bias=draw(st.booleans()))
+                     bias=draw(st.booleans()), padding_mode=padding_mode)
     grid = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    return conv, P, (grid[0] * P[0], grid[1] * P[1])
+    image = (grid[0] * P[0], grid[1] * P[1])
+    if padding_mode == "circular":
+        # F.pad wraps at most once: PyTorch's reference needs padding <= image size (our construction does not)
+        assume(all(dil[a] * (K[a] - 1) - dil[a] * (K[a] - 1) // 2 <= image[a] for a in (0, 1)))
+    return conv, P, image
 
 
 # the same hypothesis cases for every form: derandomize seeds the draws from the test function, which is the same
@@ -57,6 +61,39 @@ def test_float32_within_tolerance(form, case):
     conv, P, image = case
     report = verify(conv, P, image, dtype=torch.float32, null_key=True, form=form)
     assert report.relative_error <= 1e-4, report
+
+
+@pytest.mark.parametrize("form", FORMS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+          derandomize=True)
+@given(case=conv_cases(padding_mode="circular"), seed=st.integers(0, 2 ** 16), null_key=st.booleans())
+def test_circular_float64_exact_everywhere(form, case, seed, null_key):
+    # offsets wrap modulo the grid, including grids smaller than the kernel's reach (aliased offsets)
+    conv, P, image = case
+    torch.manual_seed(seed)
+    nn.init.normal_(conv.weight)
+    report = verify(conv, P, image, dtype=torch.float64, null_key=null_key, form=form)
+    assert report.relative_error <= 1e-9, report
+
+
+@pytest.mark.parametrize("form", FORMS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.filter_too_much], derandomize=True)
+@given(case=conv_cases(padding_mode="circular"))
+def test_circular_float32_within_tolerance(form, case):
+    conv, P, image = case
+    report = verify(conv, P, image, dtype=torch.float32, null_key=False, form=form)
+    assert report.relative_error <= 1e-4, report
+
+
+@pytest.mark.parametrize("K,P,grid,heads", [(5, 4, 7, 9), (5, 4, 2, 4), (5, 4, 1, 1), (5, 1, 3, 9), (7, 1, 4, 16)])
+@pytest.mark.parametrize("form", FORMS)
+def test_circular_aliased_offsets_share_a_head(K, P, grid, heads, form):
+    # a kernel reaching 2r+1 > grid patches per axis reads some keys through several offsets: one head each key
+    conv = nn.Conv2d(2, 2, K, padding="same", padding_mode="circular").double()
+    mhsa = conv_to_mhsa(conv, P, grid, null_key=False, form=form)
+    assert mhsa.num_heads == heads and mhsa.circular and mhsa.rel_pos_bias.shape[1] == grid * grid
+    x = torch.randn(2, 2, grid * P, grid * P, dtype=torch.float64)
+    torch.testing.assert_close(mhsa(image_to_tokens(x, P)), image_to_tokens(conv(x), P), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("K,P,image", [(5, 16, 224), (3, 4, 32), (3, 1, 8), (7, 2, (12, 16))])
@@ -171,7 +208,8 @@ def test_conversion_leaves_the_conv_untouched_and_is_trainable():
     (nn.Conv2d(2, 2, 3, padding=0), 4, "does not keep the output"),
     (nn.Conv2d(2, 2, 3, padding=2), 4, "does not keep the output"),
     (nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), 4, "padding_mode='reflect'"),
-    (nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), 4, "zero padding"),
+    (nn.Conv2d(2, 2, 3, padding=1, padding_mode="replicate"), 4, "zero and circular padding only"),
+    (nn.Conv2d(2, 2, 3, padding=0, padding_mode="circular"), 4, "does not keep the output"),
     (nn.Conv2d(2, 2, 3, stride=3, padding=1), 4, "does not divide patch size"),
     (nn.Conv2d(2, 2, (2, 3), stride=(1, 2), padding=(0, 1)), 4, "asymmetric padding"),
     (nn.Conv1d(2, 2, 3, padding=1), 4, "expected an nn.Conv2d"),

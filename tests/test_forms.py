@@ -14,13 +14,14 @@ def _randomized(layer):
     return layer
 
 
+@pytest.mark.parametrize("circular", [False, True])
 @pytest.mark.parametrize("null_key", [True, False])
 @pytest.mark.parametrize("qk_dim", [None, 9])
-def test_paper_to_factorized_is_exact(null_key, qk_dim):
-    paper = _randomized(RelPosMHSA(12, 3, 5, (3, 4), out_dim=7, null_key=null_key).double())
+def test_paper_to_factorized_is_exact(null_key, qk_dim, circular):
+    paper = _randomized(RelPosMHSA(12, 3, 5, (3, 4), out_dim=7, null_key=null_key, circular=circular).double())
     x = torch.randn(2, 12, 12, dtype=torch.float64)
     fact = convert_form(paper, "factorized", qk_dim=qk_dim)
-    assert isinstance(fact, FactorizedRelPosMHSA) and fact.qk_dim == (qk_dim or 5)
+    assert isinstance(fact, FactorizedRelPosMHSA) and fact.qk_dim == (qk_dim or 5) and fact.circular == circular
     torch.testing.assert_close(fact(x), paper(x), rtol=0, atol=1e-12)
     torch.testing.assert_close(fact.attention_probs(x), paper.attention_probs(x), rtol=0, atol=1e-12)
     back = convert_form(fact, "paper")
@@ -82,3 +83,13 @@ def test_model_conversion_keeps_the_logits_and_rebuilds_from_its_config():
     torch.testing.assert_close(back(x), paper(x), rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="convert_model"):
         convert_form(conv, "factorized")
+
+
+def test_the_local_form_is_neither_source_nor_target():
+    # its bias table is a window of offsets, not the grid: it is built from a convolution, not from another form
+    conv = CMHSA(img_size=12, patch_size=4, in_chans=1, num_classes=5, embed="pixel", pixel_dim=2, depth=1,
+                 kernel_size=3, mlp_ratio=2.0)
+    with pytest.raises(ValueError, match="form='local'"):
+        convert_form(convert_model(conv), "local")
+    with pytest.raises(ValueError, match="local form"):
+        convert_form(convert_model(conv, form="local"), "factorized")

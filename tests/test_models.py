@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import cmhsa  # noqa: F401  (registers the models with timm)
 from cmhsa.attention import FactorizedRelPosMHSA, RelPosMHSA
+from cmhsa.local_attention import LocalRelPosMHSA
 from cmhsa.models import CMHSA, MODEL_CONFIGS, convert_model, transfer_error
 
 
@@ -87,6 +88,8 @@ def test_timm_names_build(name):
     model = timm.create_model(name, num_classes=7)
     if "_fattn_" in name:
         assert isinstance(model.blocks[0].mixer, FactorizedRelPosMHSA) and model.blocks[0].mixer.qk_dim == 128 // 9
+    if "_lattn_" in name:
+        assert isinstance(model.blocks[0].mixer, LocalRelPosMHSA) and model.blocks[0].mixer.window_size == (3, 3)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 7)
     assert model.pretrained_cfg["input_size"] == (1, 28, 28)
 
@@ -110,8 +113,9 @@ def test_bad_arguments():
         tiny(mixer="mlp")
     with pytest.raises(ValueError, match="form must be one of"):
         tiny(mixer="attn", form="fast")
-    with pytest.raises(ValueError, match="applies to form='factorized'"):
-        tiny(mixer="attn", qk_dim=8)
+    for form in ("paper", "local"):
+        with pytest.raises(ValueError, match="applies to form='factorized'"):
+            tiny(mixer="attn", form=form, qk_dim=8)
     with pytest.raises(ValueError, match="applies to form='paper'"):
         tiny(mixer="attn", form="factorized", head_dim=8)
     with pytest.raises(ValueError, match="pixel_dim"):

@@ -4,7 +4,8 @@ Two forms of the same function class. :class:`RelPosMHSA` is the paper's layer: 
 concatenated, then ``W_O``. :class:`FactorizedRelPosMHSA` keeps only what the function depends on, the per-head
 value map ``M_h = W_V^h W_O^h`` (``dim x out_dim``): ``out = sum_h A_h (X M_h + c_h) + b``, computed as one GEMM
 ``X -> [X M_1 .. X M_H]`` and one batched product that mixes and sums the heads at once. Its queries and keys have
-their own, smaller head size ``qk_dim``.
+their own, smaller head size ``qk_dim``. Both attend globally over a fixed grid; the third form, attention over the
+window of each query, is :class:`cmhsa.local_attention.LocalRelPosMHSA`.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from timm.layers import trunc_normal_
 
 from .tokens import IntOrPair, grid_offsets, to_pair
 
-__all__ = ["RelPosAttention", "RelPosMHSA", "FactorizedRelPosMHSA", "default_qk_dim"]
+__all__ = ["RelPosAttention", "RelPosMHSA", "FactorizedRelPosMHSA", "default_qk_dim", "init_paper_heads"]
 
 
 def default_qk_dim(dim: int, num_heads: int) -> int:
@@ -26,8 +27,33 @@ def default_qk_dim(dim: int, num_heads: int) -> int:
     return max(dim // num_heads, 1)
 
 
+def init_paper_heads(layer: nn.Module, dim: int, num_heads: int, head_dim: int, out_dim: Optional[int],
+                     qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
+    """Give ``layer`` the paper's heads: ``qkv`` (``dim -> 3 * num_heads * head_dim``), ``proj``
+    (``num_heads * head_dim -> out_dim``) and their sizes; shared by the global and the local paper-form layers, so
+    Theorem 1's weights fit both."""
+    if min(dim, num_heads, head_dim) < 1:
+        raise ValueError(f"dim, num_heads and head_dim must be positive, got {dim}, {num_heads}, {head_dim}")
+    layer.dim = dim
+    layer.num_heads = num_heads
+    layer.head_dim = layer.qk_dim = head_dim
+    layer.out_dim = out_dim or dim
+    layer.scale = head_dim ** -0.5
+    layer.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
+    layer.attn_drop = attn_drop
+    layer.proj = nn.Linear(num_heads * head_dim, layer.out_dim)
+    layer.proj_drop = nn.Dropout(proj_drop)
+
+
 class RelPosAttention(nn.Module):
     """What both forms share: the grid, the relative position bias table, the null key and the attention weights.
+
+    The bias table holds one learnable scalar per head and per offset of the grid, ``(2*gh-1) * (2*gw-1)``
+    offsets, as timm's ``RelPosBias``. With ``circular=True`` offsets are taken modulo the grid (a torus, as circular
+    padding sees the image), so the table has ``gh * gw`` columns and ``pos(k) - pos(q)`` wraps.
+    With ``null_key=True`` every head also sees one extra key whose key and value vectors are zero and whose logit
+    is a learnable per-head scalar: a head can put its weight "nowhere", which is what zero padding needs at the
+    image border.
 
     Subclasses create their projections, call :meth:`_init_position_bias`, and define :meth:`queries_keys`
     (``(B, H, N, qk_dim)`` each) and :meth:`head_maps` (the per-head value maps).
@@ -39,10 +65,12 @@ class RelPosAttention(nn.Module):
     out_dim: int
     scale: float
 
-    def _init_position_bias(self, grid_size: IntOrPair, null_key: bool) -> None:
+    def _init_position_bias(self, grid_size: IntOrPair, null_key: bool, circular: bool) -> None:
         self.grid_size = to_pair(grid_size, "grid_size")
+        self.circular = circular
         gh, gw = self.grid_size
-        self.rel_pos_bias = nn.Parameter(torch.zeros(self.num_heads, (2 * gh - 1) * (2 * gw - 1)))
+        table = gh * gw if circular else (2 * gh - 1) * (2 * gw - 1)
+        self.rel_pos_bias = nn.Parameter(torch.zeros(self.num_heads, table))
         self.register_buffer("rel_pos_index", torch.empty(gh * gw, gh * gw, dtype=torch.long), persistent=False)
         self.reset_rel_pos_index()
         self.null_bias = nn.Parameter(torch.zeros(self.num_heads)) if null_key else None
@@ -59,8 +87,11 @@ class RelPosAttention(nn.Module):
             self.rel_pos_index.copy_(self.offset_index(offsets))
 
     def offset_index(self, offsets: torch.Tensor) -> torch.Tensor:
-        """Column of the bias table for offsets ``(..., 2)`` given as (dy, dx), each within the grid."""
+        """Column of the bias table for offsets ``(..., 2)`` given as (dy, dx), each within the grid (any integers
+        when ``circular``: they are taken modulo the grid)."""
         gh, gw = self.grid_size
+        if self.circular:
+            return offsets[..., 0].remainder(gh) * gw + offsets[..., 1].remainder(gw)
         return (offsets[..., 0] + gh - 1) * (2 * gw - 1) + (offsets[..., 1] + gw - 1)
 
     def position_bias(self) -> torch.Tensor:
@@ -105,11 +136,8 @@ class RelPosAttention(nn.Module):
 class RelPosMHSA(RelPosAttention):
     """MHSA on a grid of tokens, logits ``q.k / sqrt(head_dim) + B_h[pos(k) - pos(q)]`` (paper eq. 4).
 
-    The bias table holds one learnable scalar per head and per offset of the grid, ``(2*gh-1) * (2*gw-1)``
-    offsets, as timm's ``RelPosBias``. With ``null_key=True`` every head also sees one extra key whose key and
-    value vectors are zero and whose logit is a learnable per-head scalar: a head can put its weight "nowhere",
-    which is what zero padding needs at the image border. Heads are full-size (``head_dim`` need not be
-    ``dim / num_heads``), as in the paper's construction.
+    Position bias, ``circular`` and the null key as in :class:`RelPosAttention`. Heads are full-size (``head_dim``
+    need not be ``dim / num_heads``), as in the paper's construction.
 
     Input ``(B, N, dim)`` with ``N = gh * gw``, output ``(B, N, out_dim)``.
     """
@@ -124,25 +152,15 @@ class RelPosMHSA(RelPosAttention):
             grid_size: IntOrPair,
             out_dim: Optional[int] = None,
             null_key: bool = True,
+            circular: bool = False,
             qkv_bias: bool = True,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
     ):
         super().__init__()
-        if min(dim, num_heads, head_dim) < 1:
-            raise ValueError(f"dim, num_heads and head_dim must be positive, got {dim}, {num_heads}, {head_dim}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = self.qk_dim = head_dim
-        self.out_dim = out_dim or dim
-        self.scale = head_dim ** -0.5
-
-        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
-        self.attn_drop = attn_drop
+        init_paper_heads(self, dim, num_heads, head_dim, out_dim, qkv_bias, attn_drop, proj_drop)
         self.fused_attn: Optional[bool] = None
-        self.proj = nn.Linear(num_heads * head_dim, self.out_dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        self._init_position_bias(grid_size, null_key)
+        self._init_position_bias(grid_size, null_key, circular)
 
     def _qkv(self, x: torch.Tensor):
         self._check_tokens(x)
@@ -184,15 +202,16 @@ class RelPosMHSA(RelPosAttention):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}")
+                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}, "
+                f"circular={self.circular}")
 
 
 class FactorizedRelPosMHSA(RelPosAttention):
     """The paper's layer with each head's ``W_V^h W_O^h`` kept as one matrix ``M_h``: the same function class.
 
     ``out = sum_h A_h (X M_h + c_h) + b`` with ``A_h`` the attention of :class:`RelPosMHSA` (relative position bias,
-    optional null key whose value is 0), queries and keys of head size ``qk_dim``. ``value`` computes
-    ``[X M_1 + c_1, .., X M_H + c_H]`` in one GEMM (``dim -> num_heads * out_dim``); one batched product
+    ``circular`` offsets, optional null key whose value is 0), queries and keys of head size ``qk_dim``. ``value``
+    computes ``[X M_1 + c_1, .., X M_H + c_H]`` in one GEMM (``dim -> num_heads * out_dim``); one batched product
     ``(B, N, N*H) @ (B, N*H, out_dim)`` then mixes and sums the heads. The paper's per-head ``head_dim``-wide values
     and the ``W_O`` GEMM are gone: per token the mixer costs ``H*dim*out_dim + 2*H*qk_dim*dim`` multiply-adds for
     the projections instead of ``3*H*head_dim*dim + H*head_dim*out_dim``.
@@ -210,6 +229,7 @@ class FactorizedRelPosMHSA(RelPosAttention):
             out_dim: Optional[int] = None,
             qk_dim: Optional[int] = None,
             null_key: bool = True,
+            circular: bool = False,
             qkv_bias: bool = True,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
@@ -230,7 +250,7 @@ class FactorizedRelPosMHSA(RelPosAttention):
         self.attn_drop = attn_drop
         self.fused_attn: Optional[bool] = None
         self.proj_drop = nn.Dropout(proj_drop)
-        self._init_position_bias(grid_size, null_key)
+        self._init_position_bias(grid_size, null_key, circular)
 
     def queries_keys(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys ``(B, num_heads, N, qk_dim)`` each, without the null key."""
@@ -272,4 +292,5 @@ class FactorizedRelPosMHSA(RelPosAttention):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, "
-                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}")
+                f"grid_size={self.grid_size}, out_dim={self.out_dim}, null_key={self.null_key}, "
+                f"circular={self.circular}")

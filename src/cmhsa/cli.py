@@ -38,8 +38,9 @@ def _add_form_args(p: argparse.ArgumentParser) -> None:
     from .convert import FORMS
 
     p.add_argument("--form", choices=sorted(FORMS), default="paper",
-                   help="attention form: 'paper' (full-width heads, W_V and W_O) or 'factorized' (one value map "
-                        "M_h = W_V^h W_O^h per head, small Q/K heads; same function, less compute) (default: paper)")
+                   help="attention form: 'paper' (full-width heads, W_V and W_O), 'factorized' (one value map "
+                        "M_h = W_V^h W_O^h per head, small Q/K heads; same function, less compute) or 'local' (the "
+                        "paper's heads over the kernel's window of offsets; runs at any image size) (default: paper)")
     p.add_argument("--qk-dim", type=int, default=None,
                    help="Q/K head size of the factorized form (default: token width // heads)")
 

@@ -4,8 +4,10 @@ The convolution maps the patches around query patch ``q`` to its output patch as
 one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
 needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), and makes
 the head's value map ``T_d``: in the paper's form it copies the patch (``W_V = I``) and applies ``T_d`` in its slice
-of ``W_O``; in the factorized form ``M_h = T_d`` directly. A null key makes border patches whose neighbour is
-missing read zeros, which is exactly zero padding.
+of ``W_O``; in the factorized form ``M_h = T_d`` directly; the local form is the paper's, restricted to the window
+of offsets the kernel reaches. A null key makes border patches whose neighbour is missing read zeros, which is
+exactly zero padding. Circular padding needs no null key: offsets are taken modulo the grid, so every offset has a
+key (:func:`wrap_offsets`).
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ import torch
 import torch.nn as nn
 
 from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
+from .local_attention import LocalRelPosMHSA
 from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa", "verify", "VerifyReport",
-    "DEFAULT_BIAS_STRENGTH", "FORMS",
+    "DEFAULT_BIAS_STRENGTH", "FORMS", "wrap_offsets", "local_window",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
@@ -37,6 +40,7 @@ class ConvGeometry:
     dilation: Tuple[int, int] = (1, 1)
     stride: Tuple[int, int] = (1, 1)
     pad_before: Tuple[int, int] = (0, 0)
+    circular: bool = False   # padding_mode='circular': offsets wrap around the grid
 
     @property
     def out_patch_size(self) -> Tuple[int, int]:
@@ -84,10 +88,10 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
     if min(P) < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size!r}")
     K, dil, stride = tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
-    if conv.padding_mode != "zeros":
+    if conv.padding_mode not in ("zeros", "circular"):
         raise ValueError(
-            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero padding only "
-            f"(padding_mode='zeros' with padding='same' or the equivalent integer padding)"
+            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero and circular "
+            f"padding only (padding_mode='zeros' or 'circular', with padding='same' or the equivalent integer padding)"
         )
     for axis in (0, 1):
         if P[axis] % stride[axis]:
@@ -120,7 +124,8 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
                     f"padding={conv.padding} with kernel_size={K}, dilation={dil}, stride={stride} does not keep "
                     f"the output at input_size/stride, so outputs do not form patches; {fix}"
                 )
-    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before)
+    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before,
+                        circular=conv.padding_mode == "circular")
 
 
 def _dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -157,6 +162,30 @@ def conv_blocks(weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -
     return torch.cartesian_prod(oy, ox).reshape(-1, 2), blocks
 
 
+def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
+                 grid_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Circular padding: patch ``q + d`` is patch ``(q + d) mod grid``. Offsets that alias onto the same key (a grid
+    smaller than the kernel's reach) have their blocks summed, so each key is read by one head.
+
+    Returns the first offset of each alias class, in order of appearance, and their summed blocks.
+    """
+    classes: Dict[Tuple[int, int], int] = {}  # wrapped offset -> its head
+    which, first = [], []
+    for i, key in enumerate(map(tuple, offsets.remainder(torch.tensor(grid_size)).tolist())):
+        if key not in classes:
+            classes[key] = len(classes)
+            first.append(i)
+        which.append(classes[key])
+    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, torch.tensor(which), blocks)
+    return offsets[first], summed
+
+
+def local_window(offsets: torch.Tensor) -> Tuple[int, int]:
+    """The smallest odd window, centred on the query, that holds every offset in ``offsets`` (n, 2)."""
+    reach = offsets.abs().amax(dim=0) if len(offsets) else torch.zeros(2, dtype=torch.long)
+    return 2 * int(reach[0]) + 1, 2 * int(reach[1]) + 1
+
+
 def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
                           stride: IntOrPair = 1) -> ConvGeometry:
     """Geometry of a kernel with zero 'same' padding (PyTorch's split; for stride > 1 the padding that keeps
@@ -182,17 +211,27 @@ def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntO
     return len(same_padding_geometry(kernel_size, patch_size, dilation, stride).offsets())
 
 
-def _paper_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int], null_key: bool,
-                 qk_dim: Optional[int], qk_std: float) -> RelPosMHSA:
-    """The paper's layer: full-width heads, ``W_V^h = I``, ``T_d`` in head h's slice of ``W_O``."""
-    if qk_dim is not None:
-        raise ValueError(f"qk_dim={qk_dim} applies to form='factorized' only: the paper's form has one head size, "
-                         f"the token width; leave qk_dim unset (None) for form='paper'")
-    used, dim, out_dim = blocks.shape
-    # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
+def _empty_layer(cls, blocks: torch.Tensor, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` on ``blocks``' device and dtype, weights uninitialised: the builders set every one,
+    so skip the random init of the ~(4 * heads * dim^2) parameters."""
     with torch.device("meta"):
-        mhsa = RelPosMHSA(dim, heads, dim, grid, out_dim=out_dim, null_key=null_key)
-    mhsa = mhsa.to_empty(device=blocks.device).to(blocks.dtype)
+        layer = cls(*args, **kwargs)
+    layer = layer.to_empty(device=blocks.device).to(blocks.dtype)
+    if isinstance(layer, RelPosAttention):
+        layer.reset_rel_pos_index()
+    return layer
+
+
+def _no_qk_dim(qk_dim: Optional[int], form: str) -> None:
+    if qk_dim is not None:
+        raise ValueError(f"qk_dim={qk_dim} applies to form='factorized' only: the {form} form has one head size, "
+                         f"the token width; leave qk_dim unset (None) for form={form!r}")
+
+
+def _set_paper_weights(mhsa: nn.Module, blocks: torch.Tensor, out_bias: torch.Tensor, qk_std: float) -> nn.Module:
+    """Theorem 1's weights in a layer with the paper's ``qkv`` / ``proj`` layout: ``W_Q = W_K = 0`` (or small, see
+    ``qk_std``) so attention is positional, ``W_V^h = I``, ``T_d`` in head h's slice of ``W_O``."""
+    heads, used, (dim, out_dim) = mhsa.num_heads, len(blocks), blocks.shape[1:]
     mhsa.qkv.weight.zero_()
     mhsa.qkv.bias.zero_()
     if qk_std > 0:
@@ -206,13 +245,35 @@ def _paper_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid:
     return mhsa
 
 
+def _paper_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
+                 offsets: torch.Tensor, null_key: bool, circular: bool, qk_dim: Optional[int],
+                 qk_std: float) -> RelPosMHSA:
+    """The paper's layer: full-width heads, ``W_V^h = I``, ``T_d`` in head h's slice of ``W_O``."""
+    _no_qk_dim(qk_dim, "paper")
+    dim, out_dim = blocks.shape[1:]
+    mhsa = _empty_layer(RelPosMHSA, blocks, dim, heads, dim, grid, out_dim=out_dim, null_key=null_key,
+                        circular=circular)
+    return _set_paper_weights(mhsa, blocks, out_bias, qk_std)
+
+
+def _local_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
+                 offsets: torch.Tensor, null_key: bool, circular: bool, qk_dim: Optional[int],
+                 qk_std: float) -> LocalRelPosMHSA:
+    """The paper's layer on the smallest window that holds ``offsets``: the same weights on any grid."""
+    _no_qk_dim(qk_dim, "local")
+    dim, out_dim = blocks.shape[1:]
+    mhsa = _empty_layer(LocalRelPosMHSA, blocks, dim, heads, dim, local_window(offsets), grid, out_dim=out_dim,
+                        null_key=null_key, circular=circular)
+    return _set_paper_weights(mhsa, blocks, out_bias, qk_std)
+
+
 def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
-                      null_key: bool, qk_dim: Optional[int], qk_std: float) -> FactorizedRelPosMHSA:
+                      offsets: torch.Tensor, null_key: bool, circular: bool, qk_dim: Optional[int],
+                      qk_std: float) -> FactorizedRelPosMHSA:
     """The factorized layer: ``M_h = T_{d_h}``, queries and keys of size ``qk_dim``."""
     used, dim, out_dim = blocks.shape
-    with torch.device("meta"):
-        mhsa = FactorizedRelPosMHSA(dim, heads, grid, out_dim=out_dim, qk_dim=qk_dim, null_key=null_key)
-    mhsa = mhsa.to_empty(device=blocks.device).to(blocks.dtype)
+    mhsa = _empty_layer(FactorizedRelPosMHSA, blocks, dim, heads, grid, out_dim=out_dim, qk_dim=qk_dim,
+                        null_key=null_key, circular=circular)
     mhsa.qk.weight.zero_()
     mhsa.qk.bias.zero_()
     if qk_std > 0:
@@ -225,14 +286,17 @@ def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, 
     return mhsa
 
 
-# form -> builder(blocks (used, D, D_out), output bias (D_out,), heads, grid, null_key, qk_dim, qk_std): a layer
-# whose value path computes the blocks; conv_to_mhsa then sets the position biases, the same in every form
-FORMS: Dict[str, Callable[..., RelPosAttention]] = {"paper": _paper_layer, "factorized": _factorized_layer}
+# form -> builder(blocks (used, D, D_out), output bias (D_out,), heads, grid, offsets (used, 2), null_key, circular,
+# qk_dim, qk_std): a layer whose value path computes the blocks; conv_to_mhsa then sets the position biases, the same
+# in every form
+FORMS: Dict[str, Callable[..., nn.Module]] = {"paper": _paper_layer, "factorized": _factorized_layer,
+                                              "local": _local_layer}
 
 
 def _check_form(form: str) -> None:
     if form not in FORMS:
-        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+        raise ValueError(f"form must be one of {sorted(FORMS)} (global: 'paper', 'factorized'; windowed: 'local'), "
+                         f"got {form!r}")
 
 
 def conv_to_mhsa(
@@ -245,17 +309,21 @@ def conv_to_mhsa(
         qk_std: float = 0.0,
         form: str = "paper",
         qk_dim: Optional[int] = None,
-) -> RelPosAttention:
+) -> nn.Module:
     """Build an attention layer computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
 
     Input tokens are ``image_to_tokens(x, P)``; output tokens are ``image_to_tokens(conv(x), P // stride)``.
-    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head);
+    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head; with
+    ``padding_mode='circular'`` offsets wrap modulo the grid, aliased ones share a head, and no null key is needed);
     ``num_heads`` pads with inert heads to a fixed count. ``bias_strength`` (beta) sets the error, ~N*exp(-beta/2)
     with the null key: large is exact, small leaves the softmax trainable. The module has conv's dtype and device.
 
-    ``form='paper'`` builds the paper's :class:`RelPosMHSA` (head size = token width, ``W_V = I``);
+    ``form='paper'`` builds the paper's global :class:`RelPosMHSA` (head size = token width, ``W_V = I``);
     ``form='factorized'`` a :class:`FactorizedRelPosMHSA` with ``M_h = T_d`` and Q/K head size ``qk_dim``
-    (default :func:`~cmhsa.attention.default_qk_dim`). Both are exact to the same ~exp(-beta/2).
+    (default :func:`~cmhsa.attention.default_qk_dim`); ``form='local'`` a :class:`LocalRelPosMHSA` whose window holds
+    exactly the offsets the kernel reaches (one head each, on any grid: missing neighbours go to the null key, or
+    wrap for circular padding), so the same layer computes the convolution at every image size. All are exact to the
+    same ~exp(-beta/2), with zero or circular padding.
 
     ``qk_std > 0`` draws ``W_Q, W_K ~ N(0, qk_std^2)`` instead of zeros. ``W_Q = W_K = 0`` is a stationary point: the
     gradient of each is proportional to the other, so content attention could never be learned from it. Small
@@ -265,8 +333,12 @@ def conv_to_mhsa(
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
-    inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
-    offsets, blocks = offsets[inside], blocks[inside]
+    # the local form keeps a head for every offset the kernel reaches: the grid, any size, decides at run time
+    if form != "local" and geometry.circular:
+        offsets, blocks = wrap_offsets(offsets, blocks, (gh, gw))
+    elif form != "local":
+        inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
+        offsets, blocks = offsets[inside], blocks[inside]
     used = len(offsets)
     # a kernel that reads no patch inside the grid (tiny grid, large dilation) outputs its bias: one inert head
     heads = num_heads if num_heads is not None else max(used, 1)
@@ -278,8 +350,7 @@ def conv_to_mhsa(
     q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
     out_bias = conv.bias.detach().repeat(q_pixels) if conv.bias is not None else blocks.new_zeros(blocks.shape[2])
     with torch.no_grad():
-        mhsa = FORMS[form](blocks, out_bias, heads, (gh, gw), null_key, qk_dim, qk_std)
-        mhsa.reset_rel_pos_index()
+        mhsa = FORMS[form](blocks, out_bias, heads, (gh, gw), offsets, null_key, geometry.circular, qk_dim, qk_std)
         # head h: logit beta on its offset, 0 elsewhere; the null key at beta/2 wins only where the offset is missing
         mhsa.rel_pos_bias.zero_()
         mhsa.rel_pos_bias[torch.arange(used), mhsa.offset_index(offsets)] = bias_strength
@@ -362,7 +433,9 @@ def verify(
     geometry = conv_geometry(conv, P)
     expected = image_to_tokens(conv(x), geometry.out_patch_size)
     error = (mhsa(image_to_tokens(x, P)) - expected).abs().amax(dim=(0, 2))  # (N,)
-    border = border_patch_mask(geometry.offsets(), grid).flatten()
+    # circular padding has no border: every offset wraps onto a patch
+    border = torch.zeros(grid, dtype=torch.bool).flatten() if geometry.circular else \
+        border_patch_mask(geometry.offsets(), grid).flatten()
     return VerifyReport(
         num_heads=mhsa.num_heads,
         lower_bound=head_lower_bound(conv.weight, P, dilation=conv.dilation, stride=conv.stride,

@@ -21,10 +21,12 @@ import torch
 import torch.nn as nn
 
 from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
-from .convert import FORMS
 from .models import CMHSA
 
 __all__ = ["convert_form"]
+
+# the global forms, which compute the same function class; the local form's bias table is a window, not the grid
+GLOBAL_FORMS = (RelPosMHSA.form, FactorizedRelPosMHSA.form)
 
 
 def _pad_heads(w: torch.Tensor, heads: int, width: int, scale: float = 1.0) -> torch.Tensor:
@@ -47,7 +49,8 @@ def _queries_keys(layer: RelPosAttention):
 def _empty_like_layer(cls, layer: RelPosAttention, **kwargs) -> RelPosAttention:
     with torch.device("meta"):
         new = cls(layer.dim, layer.num_heads, grid_size=layer.grid_size, out_dim=layer.out_dim,
-                  null_key=layer.null_key, attn_drop=layer.attn_drop, proj_drop=layer.proj_drop.p, **kwargs)
+                  null_key=layer.null_key, circular=layer.circular, attn_drop=layer.attn_drop,
+                  proj_drop=layer.proj_drop.p, **kwargs)
     ref = layer.rel_pos_bias
     new = new.to_empty(device=ref.device).to(ref.dtype)
     new.reset_rel_pos_index()
@@ -120,18 +123,22 @@ def convert_form(module: Union[RelPosAttention, CMHSA], form: str, qk_dim: Optio
     """A copy of an attention layer or CMHSA attention model in ``form`` (``'paper'`` or ``'factorized'``),
     computing the same function (to float rounding).
 
-    ``qk_dim`` (to factorized, default the paper layer's ``head_dim``) and ``head_dim`` (to paper, default
+    Both forms keep the layer's grid, ``circular`` offsets and null key. ``qk_dim`` (to factorized, default the paper
+    layer's ``head_dim``) and ``head_dim`` (to paper, default
     ``max(out_dim, qk_dim)``) are the new head sizes; sizes too small to be exact raise ``ValueError``. A model
     keeps every weight outside its mixers; its config records the new form, so checkpoints rebuild it.
     """
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+    if form not in GLOBAL_FORMS:
+        raise ValueError(f"form must be one of {list(GLOBAL_FORMS)}, got {form!r}; the local form is built from a "
+                         f"convolution: cmhsa.conv_to_mhsa / cmhsa.convert_model(..., form='local')")
     if isinstance(module, RelPosAttention):
         return _convert_layer(module, form, qk_dim, head_dim)
-    if not isinstance(module, CMHSA) or module.config["mixer"] != "attn":
+    if not isinstance(module, CMHSA) or module.config["mixer"] != "attn" or module.config.get("form") == "local":
+        why = ("" if not isinstance(module, CMHSA) else
+               " in its convolution phase: convert it with cmhsa.convert_model" if module.config["mixer"] == "conv"
+               else " in the local form, whose bias table is a window, not the grid")
         raise ValueError(f"convert_form needs a RelPosMHSA / FactorizedRelPosMHSA layer or a CMHSA attention-phase "
-                         f"model, got {type(module).__name__}"
-                         f"{' in its convolution phase: convert it with cmhsa.convert_model' if isinstance(module, CMHSA) else ''}")
+                         f"model in a global form, got {type(module).__name__}{why}")
     model = copy.deepcopy(module)
     for block in model.blocks:
         block.mixer = _convert_layer(block.mixer, form, qk_dim, head_dim)

@@ -20,7 +20,7 @@ from .checkpoint import load_weights
 from .config import save_config, train_config
 from .engine import (evaluate, fit, init_distributed, is_main_process, resolve_device, resolve_precision,
                      seed_everything)
-from .models import CMHSA, convert_model, transfer_error
+from .models import CMHSA, FORM_TAGS, convert_model, transfer_error
 from .plots import plot_curves, read_metrics
 
 __all__ = ["run_dir", "build_loaders", "create_model", "model_spec", "run_config_path", "load_model", "train_phase",
@@ -73,7 +73,7 @@ def converted_spec(model: CMHSA) -> Dict[str, Any]:
     """The model spec of a converted (attention-phase) CMHSA: its timm name and full config."""
     k = model.config["kernel_size"]
     size = "224" if model.config["img_size"] == 224 and model.config["patch_size"] == 16 else "tiny"
-    kind = "fattn" if model.config.get("form") == "factorized" else "attn"
+    kind = FORM_TAGS[model.config.get("form", "paper")]
     return {"name": f"cmhsa{k}_{kind}_{size}", "kwargs": dict(model.config)}
 
 
@@ -123,11 +123,16 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: Dict[str, Any], 
     return fit(model, train_loader, val_loader, cfg, out_dir, resume=resume, phase=phase, progress=progress)
 
 
+def convert_kwargs(c: Dict[str, Any]) -> Dict[str, Any]:
+    """The :func:`~cmhsa.models.convert_model` arguments of a run config's ``convert`` section."""
+    return dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
+                form=c.get("form", "paper"), qk_dim=c.get("qk_dim"), **c.get("kwargs", {}))
+
+
 def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) -> Tuple[CMHSA, Dict[str, Any]]:
     """Convert phase 1 -> phase 2 and measure the transfer error in float64 (exactness) and float32."""
     c = config["convert"]
-    kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
-              form=c.get("form", "paper"), qk_dim=c.get("qk_dim"), **c.get("kwargs", {}))
+    kw = convert_kwargs(c)
     conv_model = conv_model.cpu().float().eval()
     attn_model = convert_model(conv_model, **kw)
     conv64 = CMHSA(**conv_model.config).double()

@@ -22,7 +22,7 @@ from ..checkpoint import read_checkpoint_info  # noqa: E402
 from ..config import load_config  # noqa: E402
 from ..convert import DEFAULT_BIAS_STRENGTH, ConvGeometry, conv_blocks, same_padding_geometry  # noqa: E402
 from ..models import CMHSA, convert_model  # noqa: E402
-from ..pipeline import load_model  # noqa: E402
+from ..pipeline import convert_kwargs, load_model  # noqa: E402
 from ._common import Data, _image_batches, _run_capturing, _save  # noqa: E402
 from ._data import _materialise, _model_in_chans, _val_loader  # noqa: E402
 
@@ -34,8 +34,12 @@ def _cmhsa_attention(model: nn.Module) -> CMHSA:
     if not isinstance(model, CMHSA) or model.config["mixer"] != "attn":
         kind = (f"a CMHSA {model.config['mixer']}-phase model" if isinstance(model, CMHSA)
                 else type(model).__name__)
-        raise ValueError(f"remaining_convolution needs a CMHSA attention-phase model (RelPosMHSA or FactorizedRelPosMHSA mixers), got "
-                         f"{kind}; convert a phase-1 model first with cmhsa.convert_model")
+        raise ValueError(f"remaining_convolution needs a CMHSA attention-phase model (RelPosMHSA or "
+                         f"FactorizedRelPosMHSA mixers), got {kind}; convert a phase-1 model first with "
+                         f"cmhsa.convert_model")
+    if model.config.get("form", "paper") == "local":
+        raise ValueError("remaining_convolution reads the global attention's bias table; this model's attention is "
+                         "form='local'; convert with form='paper' or 'factorized'")
     return model
 
 
@@ -51,8 +55,10 @@ def _geometry_offsets(geometry: ConvGeometry, grid: Tuple[int, int]) -> torch.Te
     return offsets[inside]
 
 
-def _decode_offset(index: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+def _decode_offset(index: torch.Tensor, grid: Tuple[int, int], circular: bool = False) -> torch.Tensor:
     gh, gw = grid
+    if circular:  # a gh*gw table of offsets modulo the grid: report the one nearest to 0
+        return torch.stack([(index // gw + gh // 2) % gh - gh // 2, (index % gw + gw // 2) % gw - gw // 2], dim=-1)
     return torch.stack([index // (2 * gw - 1) - (gh - 1), index % (2 * gw - 1) - (gw - 1)], dim=-1)
 
 
@@ -63,7 +69,8 @@ def _head_offsets(layer: RelPosAttention, offsets: Any, geometry: ConvGeometry, 
         if offsets == "geometry":
             ref = _geometry_offsets(geometry, layer.grid_size)[:H]
         elif offsets == "argmax":
-            ref = _decode_offset(layer.rel_pos_bias.detach().argmax(dim=1).cpu(), layer.grid_size)
+            ref = _decode_offset(layer.rel_pos_bias.detach().argmax(dim=1).cpu(), layer.grid_size,
+                                 layer.circular)
         else:
             raise ValueError(f"offsets must be 'geometry', 'argmax', an (H, 2) tensor or a list of them per layer, "
                              f"got {offsets!r}")
@@ -261,12 +268,11 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
 
     if (phase1 / "last" / "model.safetensors").is_file():
         if (run_dir / "config.yaml").exists():
-            # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
-            c = load_config(run_dir / "config.yaml")["convert"]
-            kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
-                      **c.get("kwargs", {}))
+            # the pipeline's own conversion settings (cmhsa.pipeline._convert), form, qk_std and kwargs included
+            kw = convert_kwargs(load_config(run_dir / "config.yaml")["convert"])
         elif spec2 is not None:
-            kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key") if k in spec2["kwargs"]}
+            kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key", "form", "qk_dim")
+                  if k in spec2["kwargs"]}
         else:
             kw = dict(bias_strength=DEFAULT_BIAS_STRENGTH, null_key=True)
         found[0] = dict(dirs=[phase1 / "last"], metrics=None, load=lambda kw=kw: _converted(phase1 / "last", kw),

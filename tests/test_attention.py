@@ -34,7 +34,7 @@ def reference_factorized(m: FactorizedRelPosMHSA, x: torch.Tensor) -> torch.Tens
     out = m.bias.expand(B, N, E)
     for h in range(H):
         logits = q[..., h * d:(h + 1) * d] @ k[..., h * d:(h + 1) * d].transpose(1, 2) / math.sqrt(d) + bias[h]
-        vh = values[..., h * E:(h + 1) * E]
+        vh = values[..., h * E:(h + 1) * E] + m.value_bias[h]
         if m.null_key:
             logits = torch.cat([logits, m.null_bias[h].expand(B, N, 1)], dim=-1)
             vh = torch.cat([vh, torch.zeros(B, 1, E, dtype=x.dtype)], dim=1)

@@ -169,7 +169,7 @@ def test_factorized_construction_writes_the_blocks_into_the_value_maps():
     paper = conv_to_mhsa(conv, 4, (3, 3), bias_strength=50.0)
     m = conv_to_mhsa(conv, 4, (3, 3), bias_strength=50.0, form="factorized", qk_dim=6)
     assert isinstance(m, FactorizedRelPosMHSA) and m.qk_dim == 6 and m.num_heads == 9
-    assert torch.all(m.qk.weight == 0) and torch.all(m.qk.bias == 0) and torch.all(m.value.bias == 0)
+    assert torch.all(m.qk.weight == 0) and torch.all(m.qk.bias == 0) and torch.all(m.value_bias == 0)
     # M_h is the paper layer's W_V^h W_O^h = W_O^h (W_V = I): the block T_d of head h's offset
     torch.testing.assert_close(m.head_maps()[0], paper.head_maps()[0], rtol=0, atol=0)
     assert torch.equal(m.rel_pos_bias, paper.rel_pos_bias) and torch.equal(m.null_bias, paper.null_bias)

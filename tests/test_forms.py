@@ -45,7 +45,7 @@ def test_value_bias_is_carried_per_head_because_null_key_rows_sum_below_one():
     folded = convert_form(paper, "factorized")
     with torch.no_grad():
         folded.bias.add_(c.sum(0))
-        folded.value.bias.zero_()
+        folded.value_bias.zero_()
     expected_gap = torch.einsum("bhn,he->bne", null_mass, c)
     torch.testing.assert_close(folded(x) - fact(x), expected_gap, rtol=0, atol=1e-12)
     assert expected_gap.abs().max() > 1e-2

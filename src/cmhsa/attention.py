@@ -211,10 +211,12 @@ class FactorizedRelPosMHSA(RelPosAttention):
 
     ``out = sum_h A_h (X M_h + c_h) + b`` with ``A_h`` the attention of :class:`RelPosMHSA` (relative position bias,
     ``circular`` offsets, optional null key whose value is 0), queries and keys of head size ``qk_dim``. ``value``
-    computes ``[X M_1 + c_1, .., X M_H + c_H]`` in one GEMM (``dim -> num_heads * out_dim``); one batched product
-    ``(B, N, N*H) @ (B, N*H, out_dim)`` then mixes and sums the heads. The paper's per-head ``head_dim``-wide values
-    and the ``W_O`` GEMM are gone: per token the mixer costs ``H*dim*out_dim + 2*H*qk_dim*dim`` multiply-adds for
-    the projections instead of ``3*H*head_dim*dim + H*head_dim*out_dim``.
+    computes ``[X M_1, .., X M_H]`` in one GEMM (``dim -> num_heads * out_dim``); one batched product
+    ``(B, N, N*H) @ (B, N*H, out_dim)`` then mixes and sums the heads. The value bias ``c_h`` (``value_bias``) adds
+    ``sum_h m_h(q) c_h``, with ``m_h(q)`` the weight of query ``q`` on the real keys (below 1 with a null key). The
+    paper's per-head ``head_dim``-wide values and the ``W_O`` GEMM are gone: per token the mixer costs
+    ``H*dim*out_dim + 2*H*qk_dim*dim`` multiply-adds for the projections instead of
+    ``3*H*head_dim*dim + H*head_dim*out_dim``.
 
     Input ``(B, N, dim)`` with ``N = gh * gw``, output ``(B, N, out_dim)``.
     """
@@ -245,7 +247,9 @@ class FactorizedRelPosMHSA(RelPosAttention):
         self.scale = qk_dim ** -0.5
 
         self.qk = nn.Linear(dim, 2 * num_heads * qk_dim, bias=qkv_bias)
-        self.value = nn.Linear(dim, num_heads * self.out_dim, bias=qkv_bias)  # [X M_h + c_h] for every head
+        self.value = nn.Linear(dim, num_heads * self.out_dim, bias=False)  # [X M_1 .. X M_H]
+        # c_h, applied as (weight on real keys) x c_h: cheaper than a (B*N, H*out_dim) bias and its gradient
+        self.value_bias = nn.Parameter(torch.zeros(num_heads, self.out_dim)) if qkv_bias else None
         self.bias = nn.Parameter(torch.zeros(self.out_dim))
         self.attn_drop = attn_drop
         self.fused_attn: Optional[bool] = None
@@ -262,15 +266,14 @@ class FactorizedRelPosMHSA(RelPosAttention):
     def head_maps(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         H, D, E = self.num_heads, self.dim, self.out_dim
         m = self.value.weight.reshape(H, E, D).transpose(1, 2)
-        c = self.value.bias.reshape(H, E) if self.value.bias is not None else m.new_zeros(H, E)
-        return m, c, self.bias
+        return m, self.value_bias if self.value_bias is not None else m.new_zeros(H, E), self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> (B, N, out_dim)"""
         B, N, _ = x.shape
         H, E = self.num_heads, self.out_dim
         q, k = self.queries_keys(x)
-        v = self.value(x)  # (B, N, H*E): token-major, head-minor
+        v = self.value(x)  # (B, N, H*E): token-major, head-minor, without c_h
         if self.null_bias is not None:
             k = F.pad(k, (0, 0, 0, 1))  # the null key: key 0, only its bias sets its weight; its value is 0
         bias = self.position_bias().to(q.dtype)
@@ -281,10 +284,14 @@ class FactorizedRelPosMHSA(RelPosAttention):
             attn = F.dropout(attn, dropout, training=self.training)
             # drop the null key's column (its value is 0) and lay A out as (B, q, (k h)) to match v's (k h) rows:
             # one product mixes the tokens and sums the heads
-            attn = attn.view(B, H, N, -1)[..., :N].permute(0, 2, 3, 1).reshape(B, N, N * H)
-            x = attn @ v.view(B, N * H, E)
+            attn = attn.view(B, H, N, -1)[..., :N]
+            x = attn.permute(0, 2, 3, 1).reshape(B, N, N * H) @ v.view(B, N * H, E)
+            if self.value_bias is not None:
+                x = x + attn.sum(-1).transpose(1, 2) @ self.value_bias.to(x.dtype)
         else:
             v = v.view(B, N, H, E).transpose(1, 2)
+            if self.value_bias is not None:
+                v = v + self.value_bias[:, None].to(v.dtype)
             if self.null_bias is not None:
                 v = F.pad(v, (0, 0, 0, 1))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout).sum(1)

@@ -168,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       num_classes=spec["kwargs"]["num_classes"])
     _, val_loader, _ = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
     device = resolve_device(cfg)
-    metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision),
+    metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)
     print(json.dumps({"checkpoint": str(ckpt), "model": spec["name"], "dataset": config["data"]["dataset"],
                       "images": len(val_loader.dataset), **metrics}, indent=2))

@@ -281,7 +281,7 @@ def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, 
     m = blocks.new_zeros(heads, dim, out_dim)
     m[:used] = blocks
     mhsa.value.weight.copy_(m.transpose(1, 2).reshape(heads * out_dim, dim))
-    mhsa.value.bias.zero_()
+    mhsa.value_bias.zero_()
     mhsa.bias.copy_(out_bias)
     return mhsa
 

@@ -78,7 +78,7 @@ def _to_factorized(layer: RelPosMHSA, qk_dim: Optional[int]) -> FactorizedRelPos
     new.value.weight.copy_(m.transpose(1, 2).reshape(H * layer.out_dim, layer.dim))
     if has_bias:
         new.qk.bias.copy_(torch.cat([_pad_heads(b_q, H, qk_dim, scale), _pad_heads(b_k, H, qk_dim)]))
-        new.value.bias.copy_(c.reshape(-1))
+        new.value_bias.copy_(c)
     new.bias.copy_(b)
     return new
 

@@ -1,17 +1,84 @@
 """Local relative-position MHSA: each query attends to the window of patches around it, on a grid of any size."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.autograd.function import once_differentiable
 
 from .attention import init_paper_heads
 from .tokens import IntOrPair, to_pair
 
 __all__ = ["LocalRelPosMHSA"]
+
+
+def _window_logits(q: torch.Tensor, kp: torch.Tensor, bias: torch.Tensor, null_bias: Optional[torch.Tensor],
+                   missing: Optional[torch.Tensor], scale: float, offsets: List[Tuple[int, int]]) -> torch.Tensor:
+    """Queries (B, H, gh, gw, d), padded keys -> logits (B, H, gh, gw, n_offsets[+1]), missing keys at -inf."""
+    gh, gw = q.shape[2:4]
+    logits = torch.stack([(q * kp[:, :, i:i + gh, j:j + gw]).sum(-1) for i, j in offsets], dim=-1)
+    logits = logits * scale + bias[:, None, None, :]
+    if missing is not None:
+        logits = logits.masked_fill(missing, float("-inf"))
+    if null_bias is not None:
+        # the null key: key and value vectors are zero, only its bias sets its weight
+        logits = torch.cat([logits, null_bias[:, None, None, None].expand(*logits.shape[:-1], 1)], dim=-1)
+    return logits
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Softmax over each query's window (and the null key) and the weighted sum of the values it reads.
+
+    The backward is written out so that it accumulates into the padded key and value gradients in place: autograd's
+    backward of a shifted view allocates a padded-size gradient per window offset, which made training slower
+    than the global attention it replaces.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kp, vp, bias, null_bias, missing, scale, offsets, drop_p):
+        gh, gw = q.shape[2:4]
+        attn = _window_logits(q, kp, bias, null_bias, missing, scale, offsets).softmax(dim=-1)
+        weights = attn[..., :len(offsets)]  # the null key's value is 0: it adds nothing
+        keep = None
+        if drop_p > 0:
+            keep = torch.rand_like(weights) >= drop_p
+            weights = weights * keep / (1 - drop_p)
+        out = torch.zeros_like(q)
+        for w, (i, j) in enumerate(offsets):
+            out.addcmul_(weights[..., w, None], vp[:, :, i:i + gh, j:j + gw])
+        ctx.save_for_backward(q, kp, vp, attn, keep)
+        ctx.scale, ctx.offsets, ctx.drop_p, ctx.has_null = scale, offsets, drop_p, null_bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out):
+        q, kp, vp, attn, keep = ctx.saved_tensors
+        offsets, n = ctx.offsets, len(ctx.offsets)
+        gh, gw = q.shape[2:4]
+        weights = attn[..., :n]
+        if keep is not None:
+            weights = weights * keep / (1 - ctx.drop_p)
+        g_vp = torch.zeros_like(vp)
+        g_weights = torch.empty_like(weights)
+        for w, (i, j) in enumerate(offsets):
+            g_weights[..., w] = (g_out * vp[:, :, i:i + gh, j:j + gw]).sum(-1)
+            g_vp[:, :, i:i + gh, j:j + gw].addcmul_(weights[..., w, None], g_out)
+        if keep is not None:
+            g_weights = g_weights * keep / (1 - ctx.drop_p)
+        # softmax backward; the null key's weight has zero gradient of its own but takes part in the sum
+        dot = (attn[..., :n] * g_weights).sum(-1, keepdim=True)
+        g_logits = attn[..., :n] * (g_weights - dot)  # missing keys have weight 0, so gradient 0
+        g_null = (-attn[..., n:] * dot).sum((0, 2, 3, 4)) if ctx.has_null else None
+        g_scaled = g_logits * ctx.scale
+        g_q, g_kp = torch.zeros_like(q), torch.zeros_like(kp)
+        for w, (i, j) in enumerate(offsets):
+            g_q.addcmul_(g_scaled[..., w, None], kp[:, :, i:i + gh, j:j + gw])
+            g_kp[:, :, i:i + gh, j:j + gw].addcmul_(g_scaled[..., w, None], q)
+        return g_q, g_kp, g_vp, g_logits.sum((0, 2, 3)), g_null, None, None, None, None
 
 
 class LocalRelPosMHSA(nn.Module):
@@ -87,20 +154,12 @@ class LocalRelPosMHSA(nn.Module):
         out_y, out_x = (ys < 0) | (ys >= gh), (xs < 0) | (xs >= gw)  # (gh, wh), (gw, ww)
         return (out_y[:, None, :, None] | out_x[None, :, None, :]).reshape(gh, gw, -1)
 
-    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """(B, H, gh, gw, d) queries and keys -> (B, H, gh, gw, wh*ww[+1]) logits, missing keys at -inf."""
-        gh, gw = q.shape[2:4]
-        kp = self._pad(k)
+    def _window_args(self, q: torch.Tensor):
+        """Bias, null bias (in q's dtype), missing-key mask and window offsets (row-major) for queries q."""
         wh, ww = self.window_size
-        logits = torch.stack([(q * kp[:, :, i:i + gh, j:j + gw]).sum(-1) for i in range(wh) for j in range(ww)], -1)
-        logits = logits * self.scale + self.rel_pos_bias.to(q.dtype)[:, None, None, :]
-        if not self.circular:
-            logits = logits.masked_fill(self._missing((gh, gw), q.device), float("-inf"))
-        if self.null_bias is not None:
-            # the null key: key and value vectors are zero, only its bias sets its weight
-            null = self.null_bias.to(q.dtype)[:, None, None, None].expand(*logits.shape[:-1], 1)
-            logits = torch.cat([logits, null], dim=-1)
-        return logits
+        missing = None if self.circular else self._missing(q.shape[2:4], q.device)
+        null = self.null_bias.to(q.dtype) if self.null_bias is not None else None
+        return self.rel_pos_bias.to(q.dtype), null, missing, [(i, j) for i in range(wh) for j in range(ww)]
 
     def _qkv(self, x: torch.Tensor, grid_size: Optional[IntOrPair]):
         B, N, _ = x.shape
@@ -115,19 +174,18 @@ class LocalRelPosMHSA(nn.Module):
         """(B, N, dim) -> (B, N, out_dim)"""
         q, k, v = self._qkv(x, grid_size)
         B, H, gh, gw, d = q.shape
-        attn = self._logits(q, k).softmax(dim=-1)
-        attn = F.dropout(attn, self.attn_drop, training=self.training)
-        vp = self._pad(v)
-        wh, ww = self.window_size
-        out = sum(attn[..., i * ww + j, None] * vp[:, :, i:i + gh, j:j + gw] for i in range(wh) for j in range(ww))
-        out = out.permute(0, 2, 3, 1, 4).reshape(B, gh * gw, H * d)  # the null key's value is 0: no term
+        bias, null, missing, offsets = self._window_args(q)
+        drop = self.attn_drop if self.training else 0.0
+        out = _WindowAttention.apply(q, self._pad(k), self._pad(v), bias, null, missing, self.scale, offsets, drop)
+        out = out.permute(0, 2, 3, 1, 4).reshape(B, gh * gw, H * d)
         return self.proj_drop(self.proj(out))
 
     @torch.no_grad()
     def attention_probs(self, x: torch.Tensor, grid_size: Optional[IntOrPair] = None) -> torch.Tensor:
         """Attention weights ``(B, num_heads, N, wh*ww[+1])`` over each query's window (null key last)."""
         q, k, _ = self._qkv(x, grid_size)
-        return self._logits(q, k).softmax(dim=-1).flatten(2, 3)
+        bias, null, missing, offsets = self._window_args(q)
+        return _window_logits(q, self._pad(k), bias, null, missing, self.scale, offsets).softmax(-1).flatten(2, 3)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "

@@ -224,7 +224,8 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
     subset = f", {s['train_subset']} training images" if s.get("train_subset") else ""
     return "\n".join([
         f"# {s['name']}", "", f"Dataset: {s['dataset']}{subset}.", "", *rows, "",
-        f"Conversion (bias strength {t['bias_strength']:g}, null key {'on' if t['null_key'] else 'off'}): max "
+        f"Conversion ({t.get('form', 'paper')} form, bias strength {t['bias_strength']:g}, null key "
+        f"{'on' if t['null_key'] else 'off'}): max "
         f"|logits error| {t['float64']['logits_error']:.2e} in float64, {t['float32']['logits_error']:.2e} in "
         f"float32; val top-1 {t['val_before_conversion']['val_top1']:.2f} before, "
         f"{t['val_after_conversion']['top1']:.2f} right after.", "", "![curves](curves.png)", "",

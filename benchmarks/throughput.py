@@ -2,10 +2,11 @@
 depth and MLP ratio.
 
 Rows: the conv phase, the attention phase in the paper's form and in the factorized form, and a timm ViT. For each
-model and precision: training images/s (forward + backward + AdamW step, best of ``--rounds`` interleaved rounds so
-that load from other processes hits every model alike), FLOPs per image counted by ``torch.utils.flop_counter``
-(forward + backward), and model-FLOP utilisation against the GEMM peak measured in the same run (the best of several
-large GEMM shapes and repeats, in that precision). The precision ``auto`` picks for each model is marked. Prints
+model and precision: training images/s (forward + backward + AdamW step), FLOPs per image counted by
+``torch.utils.flop_counter`` (forward + backward), and model-FLOP utilisation against the GEMM peak measured in the
+same run (the best of several large GEMM shapes and repeats, in that precision). Every rate, the peak's too, is the
+best of ``--rounds`` interleaved rounds: on a shared machine the least disturbed round is the closest to the
+machine's own speed, and interleaving lets load from other processes hit every model alike. The precision ``auto`` picks for each model is marked. Prints
 markdown tables: the rows, then the ratios the factorized form is judged by. Absolute numbers differ between
 machines; ratios within one run do not depend on it as much.
 
@@ -32,7 +33,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GEMM_SHAPES = [(2048, 2048, 2048), (4096, 1024, 4096), (8192, 768, 3072), (6272, 128, 1152), (4096, 4096, 1024)]
 
 
-def gemm_peak(dtype: torch.dtype, repeats: int = 5) -> float:
+def gemm_peak(dtype: torch.dtype, repeats: int = 3) -> float:
     """Best FLOP/s over :data:`GEMM_SHAPES` and ``repeats`` timings each: the reference for utilisation."""
     best = 0.0
     for m, k, n in GEMM_SHAPES:
@@ -137,22 +138,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "paper"], default="tiny")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 tiny, 4 paper")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 5 tiny, 1 paper)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 2 tiny, 1 paper)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds, the best counts (default: 5 tiny, 2 paper)")
     parser.add_argument("--precisions", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     batch = args.batch_size or (128 if args.size == "tiny" else 4)
-    steps = args.steps or (5 if args.size == "tiny" else 1)
+    steps = args.steps or (2 if args.size == "tiny" else 1)
+    args.rounds = args.rounds or (5 if args.size == "tiny" else 2)
 
     img, entries = models(args.size)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, size {args.size}, batch {batch}, "
           f"{steps} steps x {args.rounds} rounds\n")
     rows, peaks = [], {}
     for precision in args.precisions:
-        peaks[precision] = gemm_peak(DTYPES[precision])
         benches = [Bench(name, build, img, batch, precision) for name, build in entries]
+        peaks[precision] = 0.0
         for _ in range(args.rounds):
+            peaks[precision] = max(peaks[precision], gemm_peak(DTYPES[precision]))
             for b in benches:
                 b.time(steps)
         for b in benches:

@@ -104,7 +104,7 @@ def markdown(rows, peaks) -> str:
     for r in rows:
         auto = " (auto)" if r["precision"] == r["auto_precision"] else ""
         lines.append(f"| {r['model']} | {r['precision']}{auto} | {r['params'] / 1e6:.2f}M | "
-                     f"{r['images_per_second']:.1f} | {r['gflop_per_image']:.3f} | {r['achieved_gflops']:.0f} | "
+                     f"{r['images_per_second']:.3g} | {r['gflop_per_image']:.3f} | {r['achieved_gflops']:.0f} | "
                      f"{100 * r['mfu']:.1f}% |")
     lines.append("")
     lines.append("GEMM peak (best of " + ", ".join(f"{m}x{k}x{n}" for m, k, n in GEMM_SHAPES) + "): "

@@ -74,6 +74,20 @@ def test_converted_model_is_exactly_its_convolution(pair, images):
     assert by_argmax["layers"][0]["offsets"] == rc["layers"][0]["offsets"]
 
 
+def test_factorized_model_reads_as_the_same_convolution(pair, images):
+    conv, attn = pair
+    fact = convert_model(conv, bias_strength=60, form="factorized").eval()
+    rc, ref = remaining_convolution(fact, images), remaining_convolution(attn, images)
+    for layer, ref_layer, kernel, block in zip(rc["layers"], ref["layers"], rc["kernels"], conv.blocks):
+        assert layer["offsets"] == ref_layer["offsets"] and max(layer["content_logit_absmax"]) == 0.0
+        assert layer["null_mass"] == pytest.approx(ref_layer["null_mass"], abs=1e-9)
+        assert layer["conv_projection_error"] < 1e-6
+        torch.testing.assert_close(kernel, block.mixer.conv.weight.double(), atol=1e-6, rtol=0)
+    for d, ref_d in zip(attention_details(fact, images), attention_details(attn, images)):
+        torch.testing.assert_close(d.attn, ref_d.attn, atol=1e-6, rtol=0)
+        torch.testing.assert_close(d.null_mass, ref_d.null_mass, atol=1e-6, rtol=0)
+
+
 def test_remaining_convolution_sees_departures_from_the_convolution(pair, images):
     _, attn = pair
     moved = convert_model(CMHSA(**TINY), bias_strength=60).eval()

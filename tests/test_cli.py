@@ -19,10 +19,12 @@ def number_after(label, text):
     return float(re.search(rf"{label}\s+([0-9.e+-]+)", text).group(1))
 
 
-def test_verify_prints_heads_bound_and_errors(capsys):
+@pytest.mark.parametrize("form", ["paper", "factorized"])
+def test_verify_prints_heads_bound_and_errors(capsys, form):
     code, out, _ = run(capsys, "verify", "--kernel-size", "3", "--patch-size", "4", "--in-chans", "2",
-                       "--out-chans", "3", "--image-size", "16", "20")
+                       "--out-chans", "3", "--image-size", "16", "20", "--form", form)
     assert code == 0
+    assert f"form             {form}" in out
     assert "heads used       9 (lower bound for this kernel: 9)" in out
     assert number_after("max \\|error\\|", out) < 1e-9
     assert "interior" in out and "border" in out

@@ -206,9 +206,34 @@ def test_autocast_contexts():
     with autocast_context(torch.device("cpu"), "fp32"):
         assert layer(x).dtype == torch.float32
     assert resolve_precision("cpu", "fp32") == "fp32"
-    assert resolve_precision("cpu", "auto") in ("bf16", "fp32")
+    assert resolve_precision("cpu", "auto") == "fp32"  # no model: never a bf16 guess
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision("cpu", "fp64")
+
+
+def test_cpu_auto_precision_rule():
+    """bf16 only where measured faster: CMHSA models with AMX, CMHSA attention phases with AVX512-BF16."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from cmhsa.engine import cpu_auto_precision
+    from cmhsa.models import CMHSA
+
+    kw = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed="pixel", pixel_dim=2, depth=1,
+              kernel_size=3, mlp_ratio=1.0)
+    conv, paper, fact = CMHSA(**kw), CMHSA(**kw, mixer="attn"), CMHSA(**kw, mixer="attn", form="factorized")
+    vit = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=1, num_heads=2)
+    expected = {
+        "amx": {"conv": "bf16", "paper": "bf16", "fact": "bf16", "vit": "fp32", "none": "fp32"},
+        "avx512_bf16": {"conv": "fp32", "paper": "bf16", "fact": "bf16", "vit": "fp32", "none": "fp32"},
+        "none": {"conv": "fp32", "paper": "fp32", "fact": "fp32", "vit": "fp32", "none": "fp32"},
+    }
+    models = {"conv": conv, "paper": paper, "fact": fact, "vit": vit, "none": None}
+    for support, answers in expected.items():
+        for name, precision in answers.items():
+            assert cpu_auto_precision(support, models[name]) == precision, (support, name)
+    wrapped = nn.Sequential()
+    wrapped.module = fact  # a DDP-style wrapper is looked through
+    assert cpu_auto_precision("avx512_bf16", wrapped) == "bf16"
 
 
 def test_bf16_training_on_cpu_is_finite(digits):

@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 
 import cmhsa  # noqa: F401  (registers the models with timm)
+from cmhsa.attention import FactorizedRelPosMHSA, RelPosMHSA
+from cmhsa.local_attention import LocalRelPosMHSA
 from cmhsa.models import CMHSA, MODEL_CONFIGS, convert_model, transfer_error
 
 
@@ -13,13 +15,16 @@ def tiny(mixer="conv", **kw):
     return CMHSA(**{**args, **kw})
 
 
+@pytest.mark.parametrize("form", ["paper", "factorized"])
 @pytest.mark.parametrize("embed,kernel", [("pixel", 3), ("identity", 5), ("pixel", 13)])
-def test_converted_model_has_the_same_logits_float64(embed, kernel):
+def test_converted_model_has_the_same_logits_float64(embed, kernel, form):
     torch.manual_seed(0)
     conv = tiny(embed=embed, kernel_size=kernel, pixel_dim=2 if embed == "pixel" else None).double().eval()
     for p in conv.parameters():  # move every weight off its init so the test sees the whole function
         p.data.add_(0.1 * torch.randn_like(p))
-    attn = convert_model(conv)
+    attn = convert_model(conv, form=form, qk_std=0.01)
+    assert attn.config["form"] == form
+    assert type(attn.blocks[0].mixer) is (FactorizedRelPosMHSA if form == "factorized" else RelPosMHSA)
     x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
     report = transfer_error(conv, attn, x)
     assert report["logits_error"] <= 1e-8 and max(report["layer_errors"]) <= 1e-8
@@ -27,10 +32,11 @@ def test_converted_model_has_the_same_logits_float64(embed, kernel):
     torch.testing.assert_close(attn(x), conv(x), rtol=0, atol=1e-8)
 
 
-def test_converted_model_float32_tolerance():
+@pytest.mark.parametrize("form", ["paper", "factorized"])
+def test_converted_model_float32_tolerance(form):
     torch.manual_seed(1)
     conv = timm.create_model("cmhsa5_conv_tiny").eval()
-    attn = convert_model(conv)
+    attn = convert_model(conv, form=form)
     report = transfer_error(conv, attn, torch.randn(4, 1, 28, 28))
     assert report["logits_relative_error"] <= 1e-5, report
 
@@ -58,8 +64,8 @@ def test_conversion_copies_everything_outside_the_mixers():
 
 
 def test_all_trainable_parameters_get_gradients_in_both_phases():
-    for mixer in ("conv", "attn"):
-        model = tiny(mixer)
+    for mixer, form in (("conv", "paper"), ("attn", "paper"), ("attn", "factorized")):
+        model = tiny(mixer, form=form)
         nn.functional.cross_entropy(model(torch.randn(4, 1, 12, 12)), torch.arange(4)).backward()
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -80,13 +86,17 @@ def test_timm_names_build(name):
         assert model.head_dim == 768 and model.blocks[0].mlp.fc1.out_features == 3072
         return
     model = timm.create_model(name, num_classes=7)
+    if "_fattn_" in name:
+        assert isinstance(model.blocks[0].mixer, FactorizedRelPosMHSA) and model.blocks[0].mixer.qk_dim == 128 // 9
+    if "_lattn_" in name:
+        assert isinstance(model.blocks[0].mixer, LocalRelPosMHSA) and model.blocks[0].mixer.window_size == (3, 3)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 7)
     assert model.pretrained_cfg["input_size"] == (1, 28, 28)
 
 
 def test_paper_size_models_train_one_step():
     torch.manual_seed(0)
-    for name in ("cmhsa5_conv_224", "cmhsa5_attn_224"):
+    for name in ("cmhsa5_conv_224", "cmhsa5_attn_224", "cmhsa5_fattn_224"):
         model = timm.create_model(name, num_classes=100)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         x, y = torch.randn(2, 3, 224, 224), torch.tensor([3, 7])
@@ -101,6 +111,13 @@ def test_paper_size_models_train_one_step():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="mixer must be"):
         tiny(mixer="mlp")
+    with pytest.raises(ValueError, match="form must be one of"):
+        tiny(mixer="attn", form="fast")
+    for form in ("paper", "local"):
+        with pytest.raises(ValueError, match="applies to form='factorized'"):
+            tiny(mixer="attn", form=form, qk_dim=8)
+    with pytest.raises(ValueError, match="applies to form='paper'"):
+        tiny(mixer="attn", form="factorized", head_dim=8)
     with pytest.raises(ValueError, match="pixel_dim"):
         tiny(pixel_dim=None)
     with pytest.raises(ValueError, match="not divisible"):

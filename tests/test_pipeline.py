@@ -8,7 +8,8 @@ import torch
 from cifar_fixture import make_cifar100
 from cmhsa.cli import main
 from cmhsa.config import apply_overrides, load_config, train_config
-from cmhsa.pipeline import load_model, run_pipeline
+from cmhsa.forms import convert_form
+from cmhsa.pipeline import build_loaders, load_model, run_pipeline
 from cmhsa.plots import read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -74,6 +75,45 @@ def test_eval_and_convert_commands(run, capsys, tmp_path):
     assert conv["logits_error"] <= 1e-8
     model, spec, _ = load_model(tmp_path / "conv")
     assert spec["name"] == "cmhsa3_attn_tiny" and model.config["mixer"] == "attn"
+
+
+@pytest.fixture(scope="module")
+def factorized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("frun")
+    config = load_config(None, TINY + [f"output={out}", "name=ftiny", "phase1.epochs=1", "convert.form=factorized",
+                                       "convert.qk_dim=4", "convert.qk_std=0.02"])
+    return out, config, run_pipeline(config, progress=False)
+
+
+def test_factorized_pipeline_converts_exactly_and_evaluates_from_its_checkpoint(factorized_run, run, capsys):
+    out, config, summary = factorized_run
+    t = json.loads((out / "convert.json").read_text())
+    assert t["form"] == "factorized" and t["float64"]["logits_error"] <= 1e-8
+    assert t["float32"]["logits_relative_error"] <= 1e-4
+    model, spec, _ = load_model(out / "phase2")
+    assert spec["name"] == "cmhsa3_fattn_tiny" and model.blocks[0].mixer.qk_dim == 4
+    assert summary["phase2"]["params"] < 0.6 * run[2]["phase2"]["params"]  # vs the paper form of the same model
+    assert main(["eval", str(out / "phase2"), "--device", "cpu", "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["phase2"]["val_top1"], abs=1e-6)
+    before = (out / "phase2/metrics.jsonl").read_text()
+    run_pipeline(config, progress=False)  # resumes: nothing retrained
+    assert (out / "phase2/metrics.jsonl").read_text() == before
+
+
+def test_trained_checkpoint_converts_between_forms_exactly(run):
+    out, config, _ = run
+    paper, _, _ = load_model(out / "phase2")
+    paper = paper.double().eval()
+    _, val_loader, _ = build_loaders(config, 64, 1)
+    images = next(iter(val_loader))[0].double()
+    ref = paper(images)
+    fact = convert_form(paper, "factorized")
+    torch.testing.assert_close(fact(images), ref, rtol=0, atol=1e-9 * ref.abs().max().item())
+    back = convert_form(fact, "paper")
+    torch.testing.assert_close(back(images), ref, rtol=0, atol=1e-9 * ref.abs().max().item())
+    # float32: the same checkpoint as trained
+    paper32, fact32 = paper.float(), fact.float()
+    assert (fact32(images.float()) - paper32(images.float())).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_train_command_for_a_timm_baseline(tmp_path, capsys):

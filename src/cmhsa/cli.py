@@ -34,6 +34,17 @@ def _add_conv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the random kernel and input (default: 0)")
 
 
+def _add_form_args(p: argparse.ArgumentParser) -> None:
+    from .convert import FORMS
+
+    p.add_argument("--form", choices=sorted(FORMS), default="paper",
+                   help="attention form: 'paper' (full-width heads, W_V and W_O), 'factorized' (one value map "
+                        "M_h = W_V^h W_O^h per head, small Q/K heads; same function, less compute) or 'local' (the "
+                        "paper's heads over the kernel's window of offsets; runs at any image size) (default: paper)")
+    p.add_argument("--qk-dim", type=int, default=None,
+                   help="Q/K head size of the factorized form (default: token width // heads)")
+
+
 def _load_tensors(path: Path) -> dict:
     if not path.exists():
         raise SystemExit(f"error: --weights file {path} does not exist")
@@ -82,7 +93,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     conv = _build_conv(args)
     print(f"conv: {conv}")
     report = verify(conv, args.patch_size, args.image_size, dtype=DTYPES[args.dtype], null_key=not args.no_null_key,
-                    bias_strength=args.bias_strength, seed=args.seed)
+                    bias_strength=args.bias_strength, seed=args.seed, form=args.form, qk_dim=args.qk_dim)
     print(report)
     return 0
 
@@ -157,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       num_classes=spec["kwargs"]["num_classes"])
     _, val_loader, _ = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
     device = resolve_device(cfg)
-    metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision),
+    metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)
     print(json.dumps({"checkpoint": str(ckpt), "model": spec["name"], "dataset": config["data"]["dataset"],
                       "images": len(val_loader.dataset), **metrics}, indent=2))
@@ -176,7 +187,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
         raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec['name']})")
     model = model.double().eval()
-    attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key)
+    attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key, form=args.form,
+                         qk_dim=args.qk_dim)
     x = torch.randn(8, model.config["in_chans"], *model.patch_embed.img_size, dtype=torch.float64)
     report = transfer_error(model, attn, x)
     out = Path(args.out)
@@ -245,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH,
                    help=f"relative position bias beta on each head's offset; the error falls like N*exp(-beta/2) "
                         f"(default: {DEFAULT_BIAS_STRENGTH:g})")
+    _add_form_args(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("bounds", help="lower bound on heads for a kernel, and the best fit with fewer heads",
@@ -292,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["last", "best"], default="last")
     p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
     p.add_argument("--no-null-key", action="store_true", help="the paper's layer, without the null key")
+    _add_form_args(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("experiment", help="run a grid of resumable runs (table1, warmup, efficiency, ablations)",

@@ -37,6 +37,10 @@ DEFAULTS: Dict[str, Any] = {
         "bias_strength": DEFAULT_BIAS_STRENGTH,
         "null_key": True,
         "qk_std": 0.0,  # > 0 starts W_Q, W_K small and random so content attention can be learned in phase 2
+        # attention form of phase 2: 'paper' (the paper's layer), 'factorized' (same function, less compute) or
+        # 'local' (the paper's heads over the kernel's window of offsets, runs at any image size)
+        "form": "paper",
+        "qk_dim": None,  # Q/K head size of the factorized form (None: token width // heads)
         "kwargs": {},  # training-only settings of the attention model, e.g. drop_path_rate
     },
     "train": {},

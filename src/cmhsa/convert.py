@@ -2,26 +2,30 @@
 
 The convolution maps the patches around query patch ``q`` to its output patch as ``y_q = sum_d X_{q+d} T_d``,
 one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
-needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), copies the
-patch (``W_V = I``) and applies ``T_d`` in its slice of ``W_O``. A null key (DESIGN.md §1) makes border patches
-whose neighbour is missing read zeros, which is exactly zero padding.
+needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), and makes
+the head's value map ``T_d``: in the paper's form it copies the patch (``W_V = I``) and applies ``T_d`` in its slice
+of ``W_O``; in the factorized form ``M_h = T_d`` directly; the local form is the paper's, restricted to the window
+of offsets the kernel reaches. A null key makes border patches whose neighbour is missing read zeros, which is
+exactly zero padding. Circular padding needs no null key: offsets are taken modulo the grid, so every offset has a
+key (:func:`wrap_offsets`).
 """
 from __future__ import annotations
 
 import copy
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .attention import RelPosMHSA
+from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
+from .local_attention import LocalRelPosMHSA
 from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa", "verify", "VerifyReport",
-    "DEFAULT_BIAS_STRENGTH",
+    "DEFAULT_BIAS_STRENGTH", "FORMS", "wrap_offsets", "local_window",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
@@ -36,6 +40,7 @@ class ConvGeometry:
     dilation: Tuple[int, int] = (1, 1)
     stride: Tuple[int, int] = (1, 1)
     pad_before: Tuple[int, int] = (0, 0)
+    circular: bool = False   # padding_mode='circular': offsets wrap around the grid
 
     @property
     def out_patch_size(self) -> Tuple[int, int]:
@@ -83,10 +88,10 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
     if min(P) < 1:
         raise ValueError(f"patch_size must be positive, got {patch_size!r}")
     K, dil, stride = tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
-    if conv.padding_mode != "zeros":
+    if conv.padding_mode not in ("zeros", "circular"):
         raise ValueError(
-            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero padding only "
-            f"(padding_mode='zeros' with padding='same' or the equivalent integer padding)"
+            f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero and circular "
+            f"padding only (padding_mode='zeros' or 'circular', with padding='same' or the equivalent integer padding)"
         )
     for axis in (0, 1):
         if P[axis] % stride[axis]:
@@ -119,7 +124,8 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
                     f"padding={conv.padding} with kernel_size={K}, dilation={dil}, stride={stride} does not keep "
                     f"the output at input_size/stride, so outputs do not form patches; {fix}"
                 )
-    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before)
+    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=stride, pad_before=pad_before,
+                        circular=conv.padding_mode == "circular")
 
 
 def _dense_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -156,6 +162,30 @@ def conv_blocks(weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -
     return torch.cartesian_prod(oy, ox).reshape(-1, 2), blocks
 
 
+def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
+                 grid_size: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Circular padding: patch ``q + d`` is patch ``(q + d) mod grid``. Offsets that alias onto the same key (a grid
+    smaller than the kernel's reach) have their blocks summed, so each key is read by one head.
+
+    Returns the first offset of each alias class, in order of appearance, and their summed blocks.
+    """
+    classes: Dict[Tuple[int, int], int] = {}  # wrapped offset -> its head
+    which, first = [], []
+    for i, key in enumerate(map(tuple, offsets.remainder(torch.tensor(grid_size)).tolist())):
+        if key not in classes:
+            classes[key] = len(classes)
+            first.append(i)
+        which.append(classes[key])
+    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, torch.tensor(which), blocks)
+    return offsets[first], summed
+
+
+def local_window(offsets: torch.Tensor) -> Tuple[int, int]:
+    """The smallest odd window, centred on the query, that holds every offset in ``offsets`` (n, 2)."""
+    reach = offsets.abs().amax(dim=0) if len(offsets) else torch.zeros(2, dtype=torch.long)
+    return 2 * int(reach[0]) + 1, 2 * int(reach[1]) + 1
+
+
 def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
                           stride: IntOrPair = 1) -> ConvGeometry:
     """Geometry of a kernel with zero 'same' padding (PyTorch's split; for stride > 1 the padding that keeps
@@ -181,6 +211,94 @@ def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntO
     return len(same_padding_geometry(kernel_size, patch_size, dilation, stride).offsets())
 
 
+def _empty_layer(cls, blocks: torch.Tensor, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` on ``blocks``' device and dtype, weights uninitialised: the builders set every one,
+    so skip the random init of the ~(4 * heads * dim^2) parameters."""
+    with torch.device("meta"):
+        layer = cls(*args, **kwargs)
+    layer = layer.to_empty(device=blocks.device).to(blocks.dtype)
+    if isinstance(layer, RelPosAttention):
+        layer.reset_rel_pos_index()
+    return layer
+
+
+def _no_qk_dim(qk_dim: Optional[int], form: str) -> None:
+    if qk_dim is not None:
+        raise ValueError(f"qk_dim={qk_dim} applies to form='factorized' only: the {form} form has one head size, "
+                         f"the token width; leave qk_dim unset (None) for form={form!r}")
+
+
+def _set_paper_weights(mhsa: nn.Module, blocks: torch.Tensor, out_bias: torch.Tensor, qk_std: float) -> nn.Module:
+    """Theorem 1's weights in a layer with the paper's ``qkv`` / ``proj`` layout: ``W_Q = W_K = 0`` (or small, see
+    ``qk_std``) so attention is positional, ``W_V^h = I``, ``T_d`` in head h's slice of ``W_O``."""
+    heads, used, (dim, out_dim) = mhsa.num_heads, len(blocks), blocks.shape[1:]
+    mhsa.qkv.weight.zero_()
+    mhsa.qkv.bias.zero_()
+    if qk_std > 0:
+        mhsa.qkv.weight[:2 * heads * dim].normal_(0.0, qk_std)
+    mhsa.qkv.weight[2 * heads * dim:] = torch.eye(dim).repeat(heads, 1)
+    # W_O: head h applies T_{d_h}; inert padding heads get zero blocks
+    proj = blocks.new_zeros(heads, dim, out_dim)
+    proj[:used] = blocks
+    mhsa.proj.weight.copy_(proj.reshape(heads * dim, out_dim).T)
+    mhsa.proj.bias.copy_(out_bias)
+    return mhsa
+
+
+def _paper_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
+                 offsets: torch.Tensor, null_key: bool, circular: bool, qk_dim: Optional[int],
+                 qk_std: float) -> RelPosMHSA:
+    """The paper's layer: full-width heads, ``W_V^h = I``, ``T_d`` in head h's slice of ``W_O``."""
+    _no_qk_dim(qk_dim, "paper")
+    dim, out_dim = blocks.shape[1:]
+    mhsa = _empty_layer(RelPosMHSA, blocks, dim, heads, dim, grid, out_dim=out_dim, null_key=null_key,
+                        circular=circular)
+    return _set_paper_weights(mhsa, blocks, out_bias, qk_std)
+
+
+def _local_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
+                 offsets: torch.Tensor, null_key: bool, circular: bool, qk_dim: Optional[int],
+                 qk_std: float) -> LocalRelPosMHSA:
+    """The paper's layer on the smallest window that holds ``offsets``: the same weights on any grid."""
+    _no_qk_dim(qk_dim, "local")
+    dim, out_dim = blocks.shape[1:]
+    mhsa = _empty_layer(LocalRelPosMHSA, blocks, dim, heads, dim, local_window(offsets), grid, out_dim=out_dim,
+                        null_key=null_key, circular=circular)
+    return _set_paper_weights(mhsa, blocks, out_bias, qk_std)
+
+
+def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, grid: Tuple[int, int],
+                      offsets: torch.Tensor, null_key: bool, circular: bool, qk_dim: Optional[int],
+                      qk_std: float) -> FactorizedRelPosMHSA:
+    """The factorized layer: ``M_h = T_{d_h}``, queries and keys of size ``qk_dim``."""
+    used, dim, out_dim = blocks.shape
+    mhsa = _empty_layer(FactorizedRelPosMHSA, blocks, dim, heads, grid, out_dim=out_dim, qk_dim=qk_dim,
+                        null_key=null_key, circular=circular)
+    mhsa.qk.weight.zero_()
+    mhsa.qk.bias.zero_()
+    if qk_std > 0:
+        mhsa.qk.weight.normal_(0.0, qk_std)
+    m = blocks.new_zeros(heads, dim, out_dim)
+    m[:used] = blocks
+    mhsa.value.weight.copy_(m.transpose(1, 2).reshape(heads * out_dim, dim))
+    mhsa.value_bias.zero_()
+    mhsa.bias.copy_(out_bias)
+    return mhsa
+
+
+# form -> builder(blocks (used, D, D_out), output bias (D_out,), heads, grid, offsets (used, 2), null_key, circular,
+# qk_dim, qk_std): a layer whose value path computes the blocks; conv_to_mhsa then sets the position biases, the same
+# in every form
+FORMS: Dict[str, Callable[..., nn.Module]] = {"paper": _paper_layer, "factorized": _factorized_layer,
+                                              "local": _local_layer}
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {sorted(FORMS)} (global: 'paper', 'factorized'; windowed: 'local'), "
+                         f"got {form!r}")
+
+
 def conv_to_mhsa(
         conv: nn.Conv2d,
         patch_size: IntOrPair,
@@ -189,23 +307,38 @@ def conv_to_mhsa(
         null_key: bool = True,
         num_heads: Optional[int] = None,
         qk_std: float = 0.0,
-) -> RelPosMHSA:
-    """Build a :class:`RelPosMHSA` computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
+        form: str = "paper",
+        qk_dim: Optional[int] = None,
+) -> nn.Module:
+    """Build an attention layer computing ``conv`` on tokens of ``patch_size`` patches over ``grid_size``.
 
     Input tokens are ``image_to_tokens(x, P)``; output tokens are ``image_to_tokens(conv(x), P // stride)``.
-    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head);
+    One head per patch offset the kernel reaches (offsets outside the grid never hold a pixel and get no head; with
+    ``padding_mode='circular'`` offsets wrap modulo the grid, aliased ones share a head, and no null key is needed);
     ``num_heads`` pads with inert heads to a fixed count. ``bias_strength`` (beta) sets the error, ~N*exp(-beta/2)
     with the null key: large is exact, small leaves the softmax trainable. The module has conv's dtype and device.
+
+    ``form='paper'`` builds the paper's global :class:`RelPosMHSA` (head size = token width, ``W_V = I``);
+    ``form='factorized'`` a :class:`FactorizedRelPosMHSA` with ``M_h = T_d`` and Q/K head size ``qk_dim``
+    (default :func:`~cmhsa.attention.default_qk_dim`); ``form='local'`` a :class:`LocalRelPosMHSA` whose window holds
+    exactly the offsets the kernel reaches (one head each, on any grid: missing neighbours go to the null key, or
+    wrap for circular padding), so the same layer computes the convolution at every image size. All are exact to the
+    same ~exp(-beta/2), with zero or circular padding.
 
     ``qk_std > 0`` draws ``W_Q, W_K ~ N(0, qk_std^2)`` instead of zeros. ``W_Q = W_K = 0`` is a stationary point: the
     gradient of each is proportional to the other, so content attention could never be learned from it. Small
     random values perturb the logits by far less than ``beta / 2``, so the conversion stays exact to ~exp(-beta/2).
     """
+    _check_form(form)
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
-    inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
-    offsets, blocks = offsets[inside], blocks[inside]
+    # the local form keeps a head for every offset the kernel reaches: the grid, any size, decides at run time
+    if form != "local" and geometry.circular:
+        offsets, blocks = wrap_offsets(offsets, blocks, (gh, gw))
+    elif form != "local":
+        inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
+        offsets, blocks = offsets[inside], blocks[inside]
     used = len(offsets)
     # a kernel that reads no patch inside the grid (tiny grid, large dilation) outputs its bias: one inert head
     heads = num_heads if num_heads is not None else max(used, 1)
@@ -214,25 +347,10 @@ def conv_to_mhsa(
             f"this convolution needs {used} heads on {geometry.patch_size} patches (one per patch offset it reads), "
             f"got num_heads={num_heads}; fewer heads cannot be exact (see cmhsa.head_lower_bound / best_fit_error)"
         )
-    dim, out_dim = blocks.shape[1], blocks.shape[2]
-    # every weight is set below, so skip the random init of the ~(4 * heads * dim^2) parameters
-    with torch.device("meta"):
-        mhsa = RelPosMHSA(dim, heads, dim, (gh, gw), out_dim=out_dim, null_key=null_key)
-    mhsa = mhsa.to_empty(device=conv.weight.device).to(conv.weight.dtype)
-    mhsa.reset_rel_pos_index()
+    q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
+    out_bias = conv.bias.detach().repeat(q_pixels) if conv.bias is not None else blocks.new_zeros(blocks.shape[2])
     with torch.no_grad():
-        # W_Q = W_K = 0 (or small, see qk_std): attention is positional; W_V = I in every head
-        mhsa.qkv.weight.zero_()
-        mhsa.qkv.bias.zero_()
-        if qk_std > 0:
-            mhsa.qkv.weight[:2 * heads * dim].normal_(0.0, qk_std)
-        mhsa.qkv.weight[2 * heads * dim:] = torch.eye(dim).repeat(heads, 1)
-        # W_O: head h applies T_{d_h}; inert padding heads get zero blocks
-        proj = torch.zeros(heads, dim, out_dim).to(blocks)
-        proj[:used] = blocks
-        mhsa.proj.weight.copy_(proj.reshape(heads * dim, out_dim).T)
-        q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
-        mhsa.proj.bias.copy_(conv.bias.detach().repeat(q_pixels) if conv.bias is not None else torch.zeros(out_dim))
+        mhsa = FORMS[form](blocks, out_bias, heads, (gh, gw), offsets, null_key, geometry.circular, qk_dim, qk_std)
         # head h: logit beta on its offset, 0 elsewhere; the null key at beta/2 wins only where the offset is missing
         mhsa.rel_pos_bias.zero_()
         mhsa.rel_pos_bias[torch.arange(used), mhsa.offset_index(offsets)] = bias_strength
@@ -255,6 +373,7 @@ class VerifyReport:
     interior_error: float    # ... over patches whose every head offset is inside the grid
     border_error: float      # ... over the other patches (0 if there are none)
     build_seconds: float
+    form: str = "paper"
 
     @property
     def relative_error(self) -> float:
@@ -262,6 +381,7 @@ class VerifyReport:
 
     def __str__(self) -> str:
         return "\n".join([
+            f"form             {self.form}",
             f"heads used       {self.num_heads} (lower bound for this kernel: {self.lower_bound})",
             f"grid             {self.grid_size[0]}x{self.grid_size[1]} patches, {self.dtype}, "
             f"null key {'on' if self.null_key else 'off'}, bias strength {self.bias_strength:g}",
@@ -292,8 +412,11 @@ def verify(
         bias_strength: float = DEFAULT_BIAS_STRENGTH,
         batch_size: int = 2,
         seed: int = 0,
+        form: str = "paper",
+        qk_dim: Optional[int] = None,
 ) -> VerifyReport:
-    """Convert ``conv`` and compare the MHSA with ``F.conv2d`` on a random batch, at every output position."""
+    """Convert ``conv`` to the attention ``form`` and compare with ``F.conv2d`` on a random batch, at every output
+    position."""
     from .bounds import head_lower_bound  # bounds builds on this module
 
     P = to_pair(patch_size, "patch_size")
@@ -303,14 +426,16 @@ def verify(
     grid = (H // P[0], W // P[1])
     conv = copy.deepcopy(conv).to(dtype)  # leave the caller's module untouched
     start = time.perf_counter()
-    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key)
+    mhsa = conv_to_mhsa(conv, P, grid, bias_strength=bias_strength, null_key=null_key, form=form, qk_dim=qk_dim)
     build_seconds = time.perf_counter() - start
 
     x = torch.randn(batch_size, conv.in_channels, H, W, generator=torch.Generator().manual_seed(seed)).to(dtype)
     geometry = conv_geometry(conv, P)
     expected = image_to_tokens(conv(x), geometry.out_patch_size)
     error = (mhsa(image_to_tokens(x, P)) - expected).abs().amax(dim=(0, 2))  # (N,)
-    border = border_patch_mask(geometry.offsets(), grid).flatten()
+    # circular padding has no border: every offset wraps onto a patch
+    border = torch.zeros(grid, dtype=torch.bool).flatten() if geometry.circular else \
+        border_patch_mask(geometry.offsets(), grid).flatten()
     return VerifyReport(
         num_heads=mhsa.num_heads,
         lower_bound=head_lower_bound(conv.weight, P, dilation=conv.dilation, stride=conv.stride,
@@ -324,5 +449,6 @@ def verify(
         interior_error=error[~border].max().item() if (~border).any() else 0.0,
         border_error=error[border].max().item() if border.any() else 0.0,
         build_seconds=build_seconds,
+        form=form,
     )
 

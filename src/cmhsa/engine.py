@@ -54,6 +54,8 @@ __all__ = [
     "TrainConfig",
     "resolve_device",
     "resolve_precision",
+    "cpu_bf16_support",
+    "cpu_auto_precision",
     "autocast_context",
     "seed_everything",
     "init_distributed",
@@ -140,18 +142,44 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
-def _cpu_has_fast_bf16() -> bool:
+def cpu_bf16_support() -> str:
+    """"amx", "avx512_bf16" or "none": how this CPU runs bf16 matmuls (AMX tiles are several times faster)."""
     # These private probes exist in current torch; get_cpu_capability() only reports the vector ISA
     # ("AVX512"), not bf16 support, so it cannot answer this on its own.
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    for kind, probe in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return kind
+    return "none"
 
 
-def resolve_precision(device: Union[str, torch.device], precision: str) -> str:
-    """Resolve ``precision`` to "bf16", "fp16" or "fp32" for ``device``.
+def cpu_auto_precision(bf16_support: str, model: Optional[nn.Module]) -> str:
+    """What ``precision='auto'`` means on a CPU: bf16 only for the models measured faster in it, else fp32.
 
-    "auto" picks bf16 on CPUs with native bf16 (AMX or AVX512-BF16) and on CUDA GPUs that support it, fp16 on
-    older GPUs, fp32 elsewhere. An explicit "bf16"/"fp16" is honoured even where it is slow.
+    ``benchmarks/throughput.py`` measured, training with bf16 autocast against fp32: on CPUs without native bf16
+    it is emulated and slow for every model; a timm ViT of width 128 is slower in bf16 even with AMX (its small
+    GEMMs do not pay for the casts); a CMHSA attention-phase model (either attention form; wide value GEMMs)
+    is faster in bf16 on AVX512-BF16 and on AMX; the CMHSA conv phase is faster with AMX and on par without. So:
+    AMX -> bf16 for CMHSA models; AVX512-BF16 -> bf16 for CMHSA attention-phase models in a global form (the local
+    form was not measured and counts as the conv phase); everything else fp32.
+    A model of unknown class (or none) gets fp32, which is never slower than a bf16 guess.
+    """
+    from .attention import RelPosAttention
+    from .models import CMHSA
+
+    model = unwrap_model(model) if model is not None else None
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if bf16_support == "none" or not isinstance(model, CMHSA):
+        return "fp32"
+    attention_phase = any(isinstance(m, RelPosAttention) for m in model.modules())
+    return "bf16" if bf16_support == "amx" or attention_phase else "fp32"
+
+
+def resolve_precision(device: Union[str, torch.device], precision: str, model: Optional[nn.Module] = None) -> str:
+    """Resolve ``precision`` to "bf16", "fp16" or "fp32" for ``device`` (and ``model``).
+
+    "auto" picks bf16 on CUDA GPUs that support it, fp16 on older GPUs, and on a CPU what
+    :func:`cpu_auto_precision` says for ``model`` (bf16 only where it is measured faster). An explicit
+    "bf16"/"fp16" is honoured even where it is slow.
     """
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
@@ -160,8 +188,8 @@ def resolve_precision(device: Union[str, torch.device], precision: str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and _cpu_has_fast_bf16():
-        return "bf16"
+    if device.type == "cpu":
+        return cpu_auto_precision(cpu_bf16_support(), model)
     return "fp32"
 
 
@@ -327,7 +355,7 @@ def train_one_epoch(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_steps = steps_per_epoch(loader, cfg)
-    precision = resolve_precision(device, cfg.precision)
+    precision = resolve_precision(device, cfg.precision, model)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
     lr, steps, samples = _mean_lr(optimizer), 0, 0
@@ -414,7 +442,7 @@ def evaluate(
         ``{"loss", "top1", "top5"}``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    precision = resolve_precision(device, precision)
+    precision = resolve_precision(device, precision, model)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1 hits, top5 hits, samples
     for images, targets in loader:
@@ -551,7 +579,7 @@ def fit(
         warnings.warn("distributed run without a DistributedSampler: every rank iterates the whole train set")
 
     device = resolve_device(cfg)
-    precision = resolve_precision(device, cfg.precision)
+    precision = resolve_precision(device, cfg.precision, model)
     model = unwrap_model(model).to(device)
     train_model: nn.Module = model
     if distributed:

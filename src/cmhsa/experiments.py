@@ -148,7 +148,7 @@ def _test_metrics(config: Dict[str, Any], run: Path) -> Dict[str, Any]:
     cfg = train_config(full, "phase1", spec["kwargs"]["num_classes"])
     device = resolve_device(cfg)
     _, test_loader, _ = build_loaders(full, 256, spec["kwargs"]["in_chans"])
-    metrics = evaluate(model.to(device), test_loader, device, resolve_precision(device, cfg.precision),
+    metrics = evaluate(model.to(device), test_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)
     return {**metrics, "images": len(test_loader.dataset)}
 

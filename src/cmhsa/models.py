@@ -4,7 +4,8 @@ Paper §4: pre-LN blocks, no class token, global average pooling -> norm -> line
 pixel map (``D = P*P*c``), so the convolution mixer acts on the pixel map the tokens form and converts to MHSA by
 Theorem 1. ``embed='identity'`` is the paper (``c = C_in``, patch projection initialised to, and in phase 1 fixed
 at, the identity); ``embed='pixel'`` lifts each pixel ``C_in -> pixel_dim`` with a 1x1 conv before patchify, so small
-images get width without upsampling.
+images get width without upsampling. ``anchor='aps'`` starts the patch grid at an adaptively chosen polyphase
+offset and ``padding_mode='circular'`` makes the mixers circular: together the model is invariant to circular shifts.
 """
 from __future__ import annotations
 
@@ -16,22 +17,29 @@ import torch.nn as nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .attention import RelPosMHSA
-from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
+from .anchor import PolyphaseAnchor
+from .attention import FactorizedRelPosMHSA, RelPosMHSA
+from .convert import DEFAULT_BIAS_STRENGTH, FORMS, conv_to_mhsa, local_window, required_heads, same_padding_geometry
+from .local_attention import LocalRelPosMHSA
 from .tokens import image_to_tokens, to_pair, tokens_to_image
 
-__all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "MODEL_CONFIGS"]
+__all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "with_img_size",
+           "FORM_TAGS", "MODEL_CONFIGS"]
 
 
 class PatchEmbed(nn.Module):
     """Image (B, C_in, H, W) -> tokens (B, N, P*P*c), optionally after a per-pixel lift C_in -> c, then a linear
-    projection initialised to the identity (frozen when ``fix_proj``)."""
+    projection initialised to the identity (frozen when ``fix_proj``). ``anchor='aps'`` first rolls each image to
+    its adaptive polyphase anchor (:class:`cmhsa.anchor.PolyphaseAnchor`)."""
 
     def __init__(self, img_size, patch_size, in_chans: int, embed: str = "identity", pixel_dim: Optional[int] = None,
-                 fix_proj: bool = True):
+                 fix_proj: bool = True, anchor: Optional[str] = None):
         super().__init__()
         if embed not in ("identity", "pixel"):
             raise ValueError(f"embed must be 'identity' or 'pixel', got {embed!r}")
+        if anchor not in (None, "aps"):
+            raise ValueError(f"anchor must be None (fixed patch grid) or 'aps' (adaptive polyphase anchoring), "
+                             f"got {anchor!r}")
         self.img_size = to_pair(img_size, "img_size")
         self.patch_size = to_pair(patch_size, "patch_size")
         for a in (0, 1):
@@ -39,6 +47,7 @@ class PatchEmbed(nn.Module):
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.anchor = PolyphaseAnchor(self.patch_size) if anchor == "aps" else nn.Identity()
         if embed == "pixel":
             if not pixel_dim:
                 raise ValueError("embed='pixel' needs pixel_dim (channels per pixel after the 1x1 lift)")
@@ -58,17 +67,18 @@ class PatchEmbed(nn.Module):
         """(B, C_in, H, W) -> (B, N, D)"""
         if x.shape[-2:] != self.img_size:
             raise ValueError(f"input is {tuple(x.shape[-2:])} but the model was built for img_size {self.img_size}")
-        return self.proj(image_to_tokens(self.lift(x), self.patch_size))
+        return self.proj(image_to_tokens(self.lift(self.anchor(x)), self.patch_size))
 
 
 class ConvMixer(nn.Module):
-    """Tokens (B, N, P*P*c) -> the pixel map (B, c, H, W) they form -> zero-'same'-padded KxK conv -> tokens."""
+    """Tokens (B, N, P*P*c) -> the pixel map (B, c, H, W) they form -> 'same'-padded KxK conv -> tokens.
+    ``padding_mode`` is the conv's: 'zeros' or 'circular'."""
 
-    def __init__(self, pixel_dim: int, kernel_size: int, patch_size, grid_size):
+    def __init__(self, pixel_dim: int, kernel_size: int, patch_size, grid_size, padding_mode: str = "zeros"):
         super().__init__()
         self.patch_size = to_pair(patch_size, "patch_size")
         self.grid_size = to_pair(grid_size, "grid_size")
-        self.conv = nn.Conv2d(pixel_dim, pixel_dim, kernel_size, padding="same")
+        self.conv = nn.Conv2d(pixel_dim, pixel_dim, kernel_size, padding="same", padding_mode=padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, D) -> (B, N, D)"""
@@ -98,8 +108,14 @@ class CMHSA(nn.Module):
     """The CMHSA model of paper §4, in its convolution phase (``mixer='conv'``) or attention phase (``'attn'``).
 
     Input (B, in_chans, img_size, img_size) -> logits (B, num_classes). ``num_heads=None`` uses the heads the
-    construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``); ``head_dim=None`` is the
-    token width ``D``, as in the paper.
+    construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``). The attention phase's
+    ``form`` is ``'paper'`` (global :class:`RelPosMHSA`, head size ``head_dim``, default the token width ``D`` as in
+    the paper), ``'factorized'`` (global :class:`FactorizedRelPosMHSA`, one value map per head, Q/K head size
+    ``qk_dim``) or ``'local'`` (:class:`LocalRelPosMHSA` with the paper's heads over the window of patch offsets the
+    ``kernel_size`` conv reaches: no parameter depends on the grid, see :func:`with_img_size`).
+    ``padding_mode='circular'`` pads the conv mixers circularly and makes the attention's relative offsets wrap
+    around the grid (what the conversion of a circular conv gives), in every form; ``anchor='aps'`` anchors the
+    patch grid adaptively (:class:`PatchEmbed`).
     """
 
     def __init__(
@@ -123,6 +139,10 @@ class CMHSA(nn.Module):
             bias_strength: float = DEFAULT_BIAS_STRENGTH,
             null_key: bool = True,
             fix_embed: Optional[bool] = None,
+            form: str = "paper",
+            qk_dim: Optional[int] = None,
+            anchor: Optional[str] = None,
+            padding_mode: str = "zeros",
             **kwargs,
     ):
         super().__init__()
@@ -130,6 +150,16 @@ class CMHSA(nn.Module):
             raise TypeError(f"CMHSA got unexpected arguments {sorted(kwargs)}")
         if mixer not in ("conv", "attn"):
             raise ValueError(f"mixer must be 'conv' (phase 1) or 'attn' (phase 2), got {mixer!r}")
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+        if form != "factorized" and qk_dim is not None:
+            raise ValueError(f"qk_dim={qk_dim} applies to form='factorized'; the {form} form's Q/K size is head_dim")
+        if form == "factorized" and head_dim is not None:
+            raise ValueError(f"head_dim={head_dim} applies to form='paper' and 'local'; the factorized form's Q/K "
+                             f"size is qk_dim")
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros' or 'circular' (the padding the conv mixers use and the "
+                             f"attention mixers reproduce), got {padding_mode!r}")
         # the paper fixes the patch projection to the identity in the convolution phase only
         fix_embed = (mixer == "conv") if fix_embed is None else fix_embed
         self.config: Dict[str, Any] = dict(
@@ -137,10 +167,12 @@ class CMHSA(nn.Module):
             pixel_dim=pixel_dim, depth=depth, mixer=mixer, kernel_size=kernel_size, num_heads=num_heads,
             head_dim=head_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, bias_strength=bias_strength,
-            null_key=null_key, fix_embed=fix_embed,
+            null_key=null_key, fix_embed=fix_embed, form=form, qk_dim=qk_dim, anchor=anchor,
+            padding_mode=padding_mode,
         )
         self.num_classes = num_classes
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed,
+                                      anchor=anchor)
         dim = self.num_features = self.embed_dim = self.patch_embed.embed_dim
         grid, patch = self.patch_embed.grid_size, self.patch_embed.patch_size
         self.num_heads = num_heads or required_heads(kernel_size, patch)
@@ -148,9 +180,17 @@ class CMHSA(nn.Module):
 
         def make_mixer() -> nn.Module:
             if mixer == "conv":
-                return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid)
+                return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid, padding_mode)
+            circular = padding_mode == "circular"
+            if form == "factorized":
+                return FactorizedRelPosMHSA(dim, self.num_heads, grid, qk_dim=qk_dim, null_key=null_key,
+                                            circular=circular, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+            if form == "local":
+                window = local_window(same_padding_geometry(kernel_size, patch).offsets())
+                return LocalRelPosMHSA(dim, self.num_heads, self.head_dim, window, grid, null_key=null_key,
+                                       circular=circular, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
             return RelPosMHSA(dim, self.num_heads, self.head_dim, grid, null_key=null_key,
-                              attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
+                              circular=circular, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth rule
         self.blocks = nn.Sequential(*[
@@ -195,22 +235,27 @@ class CMHSA(nn.Module):
 
 @torch.no_grad()
 def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGTH, null_key: bool = True,
-                  fix_embed: bool = False, qk_std: float = 0.0, **overrides) -> CMHSA:
+                  fix_embed: bool = False, qk_std: float = 0.0, form: str = "paper", qk_dim: Optional[int] = None,
+                  **overrides) -> CMHSA:
     """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
 
-    Every weight outside the token mixers is copied; each conv mixer becomes a RelPosMHSA by :func:`conv_to_mhsa`.
-    ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch projection is
-    trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than at the
-    stationary point 0 (see :func:`conv_to_mhsa`).
+    Every weight outside the token mixers is copied; each conv mixer becomes an attention layer of ``form``
+    (``'paper'``, ``'factorized'`` with Q/K head size ``qk_dim``, or ``'local'``) by :func:`conv_to_mhsa`. The
+    model's ``anchor`` and ``padding_mode`` carry over (a circular conv becomes circular attention), so they cannot be
+    overridden. ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch
+    projection is trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than
+    at the stationary point 0 (see :func:`conv_to_mhsa`).
     """
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
-                 "num_classes", "head_dim", "mixer"} & set(overrides)
+                 "num_classes", "head_dim", "mixer", "form", "qk_dim", "anchor", "padding_mode"} & set(overrides)
     if forbidden:
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,
-                  fix_embed=fix_embed, **overrides)
+                  fix_embed=fix_embed, form=form, qk_dim=qk_dim, **overrides)
+    if form == "factorized":
+        config["head_dim"] = None
     with torch.device("meta"):
         attn_model = CMHSA(**config)
     attn_model = attn_model.to_empty(device=_device_of(conv_model)).to(_dtype_of(conv_model))
@@ -220,12 +265,32 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     patch, grid = attn_model.patch_embed.patch_size, attn_model.patch_embed.grid_size
     for conv_block, attn_block in zip(conv_model.blocks, attn_model.blocks):
         attn_block.mixer = conv_to_mhsa(conv_block.mixer.conv, patch, grid, bias_strength=bias_strength,
-                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std)
+                                        null_key=null_key, num_heads=attn_model.num_heads, qk_std=qk_std,
+                                        form=form, qk_dim=qk_dim)
         attn_block.mixer.attn_drop = config["attn_drop_rate"]
         attn_block.mixer.proj_drop.p = config["proj_drop_rate"]
     attn_model.patch_embed.proj.requires_grad_(not fix_embed)
     attn_model.train(conv_model.training)
     return attn_model
+
+
+@torch.no_grad()
+def with_img_size(model: CMHSA, img_size) -> CMHSA:
+    """The same model, weights shared by value, built for another ``img_size`` (same patch size).
+
+    Possible when no parameter depends on the patch grid: the convolution phase and the ``form='local'`` attention.
+    The global attention's bias table has one entry per grid offset, so it raises ``ValueError``.
+    """
+    if model.config["mixer"] == "attn" and model.config.get("form", "paper") != "local":
+        raise ValueError(f"the global attention (form={model.config['form']!r}) has a bias table sized by the patch "
+                         f"grid, so it runs at its img_size only; convert with form='local' to run at other sizes")
+    with torch.device("meta"):
+        twin = CMHSA(**dict(model.config, img_size=img_size))
+    twin = twin.to_empty(device=_device_of(model)).to(_dtype_of(model))
+    twin.load_state_dict(model.state_dict())
+    for mine, theirs in zip(twin.parameters(), model.parameters()):
+        mine.requires_grad_(theirs.requires_grad)
+    return twin.train(model.training)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -269,14 +334,17 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 # name -> model arguments; "paper" sizes follow §4 (224 px, P = 16, D = 768, 6 layers, 9 heads of 768, FFN 3072),
 # "tiny" sizes are for 28-32 px grey or colour images on a CPU
 MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {}
+# the attention phase's name tag per form ("conv" is phase 1)
+FORM_TAGS: Dict[str, str] = {"paper": "attn", "factorized": "fattn", "local": "lattn"}
+_PHASES = {"conv": dict(mixer="conv"), **{tag: dict(mixer="attn", form=form) for form, tag in FORM_TAGS.items()}}
 for _k in (3, 5):
-    for _mixer in ("conv", "attn"):
-        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_224"] = dict(
-            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, mixer=_mixer,
+    for _kind, _mixer in _PHASES.items():
+        MODEL_CONFIGS[f"cmhsa{_k}_{_kind}_224"] = dict(
+            img_size=224, patch_size=16, in_chans=3, num_classes=100, embed="identity", depth=6, **_mixer,
             kernel_size=_k, num_heads=9, mlp_ratio=4.0)
-        MODEL_CONFIGS[f"cmhsa{_k}_{_mixer}_tiny"] = dict(
+        MODEL_CONFIGS[f"cmhsa{_k}_{_kind}_tiny"] = dict(
             img_size=28, patch_size=4, in_chans=1, num_classes=10, embed="pixel", pixel_dim=8, depth=6,
-            mixer=_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
+            **_mixer, kernel_size=_k, num_heads=9, mlp_ratio=2.0)
 
 
 def _create(name: str, pretrained: bool = False, **kwargs) -> CMHSA:

@@ -20,7 +20,7 @@ from .checkpoint import load_weights
 from .config import save_config, train_config
 from .engine import (evaluate, fit, init_distributed, is_main_process, resolve_device, resolve_precision,
                      seed_everything)
-from .models import CMHSA, convert_model, transfer_error
+from .models import CMHSA, FORM_TAGS, convert_model, transfer_error
 from .plots import plot_curves, read_metrics
 
 __all__ = ["run_dir", "build_loaders", "create_model", "model_spec", "run_config_path", "load_model", "train_phase",
@@ -73,7 +73,8 @@ def converted_spec(model: CMHSA) -> Dict[str, Any]:
     """The model spec of a converted (attention-phase) CMHSA: its timm name and full config."""
     k = model.config["kernel_size"]
     size = "224" if model.config["img_size"] == 224 and model.config["patch_size"] == 16 else "tiny"
-    return {"name": f"cmhsa{k}_attn_{size}", "kwargs": dict(model.config)}
+    kind = FORM_TAGS[model.config.get("form", "paper")]
+    return {"name": f"cmhsa{k}_{kind}_{size}", "kwargs": dict(model.config)}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -122,11 +123,16 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: Dict[str, Any], 
     return fit(model, train_loader, val_loader, cfg, out_dir, resume=resume, phase=phase, progress=progress)
 
 
+def convert_kwargs(c: Dict[str, Any]) -> Dict[str, Any]:
+    """The :func:`~cmhsa.models.convert_model` arguments of a run config's ``convert`` section."""
+    return dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
+                form=c.get("form", "paper"), qk_dim=c.get("qk_dim"), **c.get("kwargs", {}))
+
+
 def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) -> Tuple[CMHSA, Dict[str, Any]]:
     """Convert phase 1 -> phase 2 and measure the transfer error in float64 (exactness) and float32."""
     c = config["convert"]
-    kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
-              **c.get("kwargs", {}))
+    kw = convert_kwargs(c)
     conv_model = conv_model.cpu().float().eval()
     attn_model = convert_model(conv_model, **kw)
     conv64 = CMHSA(**conv_model.config).double()
@@ -135,6 +141,7 @@ def _convert(conv_model: CMHSA, config: Dict[str, Any], sample: torch.Tensor) ->
         "float64": transfer_error(conv64, convert_model(conv64, **kw), sample.double()),
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c["bias_strength"], "null_key": c["null_key"], "qk_std": c.get("qk_std", 0.0),
+        "form": kw["form"],
     }
     return attn_model, report
 
@@ -159,7 +166,7 @@ def run_pipeline(config: Dict[str, Any], resume: bool = True, progress: bool = T
     sample = next(iter(val_loader))[0][:16]
     attn_model, transfer = _convert(conv_model, config, sample)
     device = resolve_device(cfg2)
-    precision = resolve_precision(device, cfg2.precision)
+    precision = resolve_precision(device, cfg2.precision, attn_model)
     after = evaluate(attn_model.to(device), val_loader, device, precision, cfg2.num_classes)
     transfer["val_after_conversion"] = after
     transfer["val_before_conversion"] = {k: phase1[k] for k in ("val_loss", "val_top1", "val_top5")}
@@ -217,7 +224,8 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
     subset = f", {s['train_subset']} training images" if s.get("train_subset") else ""
     return "\n".join([
         f"# {s['name']}", "", f"Dataset: {s['dataset']}{subset}.", "", *rows, "",
-        f"Conversion (bias strength {t['bias_strength']:g}, null key {'on' if t['null_key'] else 'off'}): max "
+        f"Conversion ({t.get('form', 'paper')} form, bias strength {t['bias_strength']:g}, null key "
+        f"{'on' if t['null_key'] else 'off'}): max "
         f"|logits error| {t['float64']['logits_error']:.2e} in float64, {t['float32']['logits_error']:.2e} in "
         f"float32; val top-1 {t['val_before_conversion']['val_top1']:.2f} before, "
         f"{t['val_after_conversion']['top1']:.2f} right after.", "", "![curves](curves.png)", "",

@@ -1,6 +1,7 @@
 """Attention maps of every attention layer, and the mean attention distance per head.
 
-Works on CMHSA attention models (:class:`~cmhsa.attention.RelPosMHSA` mixers), timm ``VisionTransformer``
+Works on CMHSA attention models (:class:`~cmhsa.attention.RelPosMHSA` or ``FactorizedRelPosMHSA`` mixers),
+timm ``VisionTransformer``
 (``timm.layers.Attention``) and timm ``ConVit`` (``GPSA`` and ``MHSA`` blocks).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from timm.layers import Attention as TimmAttention  # noqa: E402
 from timm.models.convit import GPSA as ConvitGPSA  # noqa: E402
 from timm.models.convit import MHSA as ConvitMHSA  # noqa: E402
 
-from ..attention import RelPosMHSA  # noqa: E402
+from ..attention import RelPosAttention  # noqa: E402
 from ..models import CMHSA  # noqa: E402
 from ..tokens import grid_offsets  # noqa: E402
 from ._common import Data, _grid, _image_batches, _patch_size, _run_capturing, _save  # noqa: E402
@@ -28,8 +29,9 @@ __all__ = ["AttentionMap", "attention_layers", "attention_details", "attention_m
            "plot_attention_distance"]
 
 
-_ATTENTION_TYPES = (RelPosMHSA, TimmAttention, ConvitGPSA, ConvitMHSA)
-_SUPPORTED = ("cmhsa RelPosMHSA (CMHSA attention phase), timm.layers.Attention (VisionTransformer), "
+_ATTENTION_TYPES = (RelPosAttention, TimmAttention, ConvitGPSA, ConvitMHSA)
+_SUPPORTED = ("cmhsa RelPosMHSA / FactorizedRelPosMHSA (CMHSA attention phase), timm.layers.Attention "
+              "(VisionTransformer), "
               "timm ConViT GPSA and MHSA")
 
 
@@ -73,7 +75,7 @@ def _softmax_qk(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 def _layer_probs(module: nn.Module, args: tuple, kwargs: dict) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention probabilities (B, H, N, N) of one layer for its captured input, and the null-key mass or None."""
     x = args[0] if args else kwargs["x"]
-    if isinstance(module, RelPosMHSA):
+    if isinstance(module, RelPosAttention):
         probs = module.attention_probs(x)
         if module.null_key:
             return probs[..., :-1], probs[..., -1]  # null key is last
@@ -100,7 +102,8 @@ def attention_details(model: nn.Module, images: torch.Tensor, keep_prefix: bool 
     Each layer's input is captured during an ordinary forward pass (eval mode), so it is the real input: the
     normed residual stream of that block. The probabilities are then recomputed from it:
 
-    - CMHSA ``RelPosMHSA``: ``attention_probs``; the null-key column is removed and reported as ``null_mass``
+    - CMHSA ``RelPosMHSA`` / ``FactorizedRelPosMHSA``: ``attention_probs``; the null-key column is removed and
+      reported as ``null_mass``
       (rows not renormalised: weight on the null key is attention to "nothing", i.e. zero padding).
     - timm ``Attention`` / ConViT ``MHSA``: ``softmax(q k^T * scale)`` from the layer's fused qkv (and q/k norms).
     - ConViT ``GPSA``: its own ``get_attention(x)``.
@@ -122,7 +125,7 @@ def _iter_attention(model: nn.Module, images: torch.Tensor, keep_prefix: bool = 
     model_grid = None
     for (name, module), (args, kwargs) in zip(layers, captured):
         probs, null = _layer_probs(module, args, kwargs)
-        if isinstance(module, RelPosMHSA):
+        if isinstance(module, RelPosAttention):
             grid = module.grid_size
         else:
             model_grid = model_grid or _grid(model)

@@ -127,11 +127,13 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
         result["attention_distance"] = dist
         files.append(plot_attention_distance(dist, out_dir / "attention_distance.png", title=f"{title}: attention "
                                                                                             f"distance"))
-    if isinstance(model, CMHSA) and model.config["mixer"] == "attn":
+    # remaining convolution reads the global attention's bias table (form 'paper' or 'factorized')
+    global_form = not isinstance(model, CMHSA) or model.config.get("form", "paper") != "local"
+    if isinstance(model, CMHSA) and model.config["mixer"] == "attn" and global_form:
         rc = remaining_convolution(model, batches)
         rc.pop("kernels")
         result["remaining_convolution"] = rc
-    if checkpoints and info["run_dir"] and (Path(info["run_dir"]) / "phase1").is_dir():
+    if checkpoints and global_form and info["run_dir"] and (Path(info["run_dir"]) / "phase1").is_dir():
         records = remaining_convolution_over_checkpoints(info["run_dir"], batches)
         result["remaining_convolution_over_checkpoints"] = records
         files.append(plot_remaining_convolution(records, out_dir / "remaining_convolution.png", title=title))

@@ -17,12 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from ..attention import RelPosMHSA  # noqa: E402
+from ..attention import RelPosAttention  # noqa: E402
 from ..checkpoint import read_checkpoint_info  # noqa: E402
 from ..config import load_config  # noqa: E402
 from ..convert import DEFAULT_BIAS_STRENGTH, ConvGeometry, conv_blocks, same_padding_geometry  # noqa: E402
 from ..models import CMHSA, convert_model  # noqa: E402
-from ..pipeline import load_model  # noqa: E402
+from ..pipeline import convert_kwargs, load_model  # noqa: E402
 from ._common import Data, _image_batches, _run_capturing, _save  # noqa: E402
 from ._data import _materialise, _model_in_chans, _val_loader  # noqa: E402
 
@@ -34,8 +34,12 @@ def _cmhsa_attention(model: nn.Module) -> CMHSA:
     if not isinstance(model, CMHSA) or model.config["mixer"] != "attn":
         kind = (f"a CMHSA {model.config['mixer']}-phase model" if isinstance(model, CMHSA)
                 else type(model).__name__)
-        raise ValueError(f"remaining_convolution needs a CMHSA attention-phase model (RelPosMHSA mixers), got "
-                         f"{kind}; convert a phase-1 model first with cmhsa.convert_model")
+        raise ValueError(f"remaining_convolution needs a CMHSA attention-phase model (RelPosMHSA or "
+                         f"FactorizedRelPosMHSA mixers), got {kind}; convert a phase-1 model first with "
+                         f"cmhsa.convert_model")
+    if model.config.get("form", "paper") == "local":
+        raise ValueError("remaining_convolution reads the global attention's bias table; this model's attention is "
+                         "form='local'; convert with form='paper' or 'factorized'")
     return model
 
 
@@ -51,19 +55,22 @@ def _geometry_offsets(geometry: ConvGeometry, grid: Tuple[int, int]) -> torch.Te
     return offsets[inside]
 
 
-def _decode_offset(index: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+def _decode_offset(index: torch.Tensor, grid: Tuple[int, int], circular: bool = False) -> torch.Tensor:
     gh, gw = grid
+    if circular:  # a gh*gw table of offsets modulo the grid: report the one nearest to 0
+        return torch.stack([(index // gw + gh // 2) % gh - gh // 2, (index % gw + gw // 2) % gw - gw // 2], dim=-1)
     return torch.stack([index // (2 * gw - 1) - (gh - 1), index % (2 * gw - 1) - (gw - 1)], dim=-1)
 
 
-def _head_offsets(layer: RelPosMHSA, offsets: Any, geometry: ConvGeometry, i: int) -> List[Optional[Tuple[int, int]]]:
+def _head_offsets(layer: RelPosAttention, offsets: Any, geometry: ConvGeometry, i: int) -> List[Optional[Tuple[int, int]]]:
     """Per head its reference offset (dy, dx), or None for heads that own none (inert padding heads)."""
     H = layer.num_heads
     if isinstance(offsets, str):
         if offsets == "geometry":
             ref = _geometry_offsets(geometry, layer.grid_size)[:H]
         elif offsets == "argmax":
-            ref = _decode_offset(layer.rel_pos_bias.detach().argmax(dim=1).cpu(), layer.grid_size)
+            ref = _decode_offset(layer.rel_pos_bias.detach().argmax(dim=1).cpu(), layer.grid_size,
+                                 layer.circular)
         else:
             raise ValueError(f"offsets must be 'geometry', 'argmax', an (H, 2) tensor or a list of them per layer, "
                              f"got {offsets!r}")
@@ -75,7 +82,7 @@ def _head_offsets(layer: RelPosMHSA, offsets: Any, geometry: ConvGeometry, i: in
     return heads
 
 
-def offset_attention(layer: RelPosMHSA, attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def offset_attention(layer: RelPosAttention, attn: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention summed per head and relative offset: for ``attn`` (B, H, N, N[+1]) (null column ignored)
     returns ``sums`` (H, n_table) and ``counts`` (n_table,) of (image, query) pairs whose key at that offset
     exists, indexed like ``layer.rel_pos_bias``. ``sums / counts`` is a head's mean attention on an offset."""
@@ -104,7 +111,7 @@ def _conv_index_map(geometry: ConvGeometry, in_chans: int, out_chans: int,
 
 
 @torch.no_grad()
-def conv_projection(layer: RelPosMHSA, mean_attention: torch.Tensor, geometry: ConvGeometry,
+def conv_projection(layer: RelPosAttention, mean_attention: torch.Tensor, geometry: ConvGeometry,
                     in_chans: int, out_chans: Optional[int] = None) -> Tuple[torch.Tensor, float]:
     """Best KxK convolution for an attention layer, and its relative error.
 
@@ -118,15 +125,13 @@ def conv_projection(layer: RelPosMHSA, mean_attention: torch.Tensor, geometry: C
     Returns ``(kernel (out_chans, in_chans, Kh, Kw) float64, ||M - T(W*)|| / ||M||)``.
     """
     out_chans = out_chans or in_chans
-    H, hd, D = layer.num_heads, layer.head_dim, layer.dim
+    D = layer.dim
     P, Q = geometry.patch_size, geometry.out_patch_size
     if D != P[0] * P[1] * in_chans or layer.out_dim != Q[0] * Q[1] * out_chans:
         raise ValueError(f"layer maps {D} -> {layer.out_dim} features, but a conv {in_chans}->{out_chans} channels on "
                          f"{P} patches maps {P[0] * P[1] * in_chans} -> {Q[0] * Q[1] * out_chans}; pass the layer's "
                          f"pixel channels and patch geometry")
-    w_v = layer.qkv.weight.detach()[2 * H * hd:].double().cpu().reshape(H, hd, D)  # v_h = x @ w_v[h].T
-    w_o = layer.proj.weight.detach().double().cpu().T.reshape(H, hd, layer.out_dim)  # y = sum_h v_h @ w_o[h]
-    m_heads = torch.einsum("hkd,hke->hde", w_v, w_o)  # M_h = W_V^h W_O^h, (H, D, D_out)
+    m_heads = layer.head_maps()[0].detach().double().cpu()  # M_h = W_V^h W_O^h, (H, D, D_out)
     abar = mean_attention.double().cpu()
     offsets, index = _conv_index_map(geometry, in_chans, out_chans, layer.grid_size)
     cols = layer.offset_index(offsets)
@@ -179,7 +184,7 @@ def remaining_convolution(model: nn.Module, data: Data, max_batches: Optional[in
     model = _cmhsa_attention(model)
     geometry = _geometry(model)
     channels = model.patch_embed.pixel_dim
-    layers: List[RelPosMHSA] = [b.mixer for b in model.blocks]
+    layers: List[RelPosAttention] = [b.mixer for b in model.blocks]
     acc = [dict(sums=None, counts=None, content=0.0, absmax=None, null=0.0, queries=0) for _ in layers]
     images_seen = 0
     for images in _image_batches(data, max_batches):
@@ -188,14 +193,13 @@ def remaining_convolution(model: nn.Module, data: Data, max_batches: Optional[in
         for layer, a, (args, kwargs) in zip(layers, acc, captured):
             x = args[0] if args else kwargs["x"]
             B, N, _ = x.shape
-            H, hd = layer.num_heads, layer.head_dim
             probs = layer.attention_probs(x)
             s, c = offset_attention(layer, probs)
             a["sums"] = s if a["sums"] is None else a["sums"] + s
             a["counts"] = c if a["counts"] is None else a["counts"] + c
             if layer.null_key:
                 a["null"] = a["null"] + probs[..., N].double().sum(dim=(0, 2)).cpu()
-            q, k = layer.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)[:2]
+            q, k = layer.queries_keys(x)
             content = ((q @ k.transpose(-2, -1)) * layer.scale).double()
             a["content"] = a["content"] + content.std(dim=-1, unbiased=False).sum(dim=(0, 2)).cpu()
             absmax = content.abs().amax(dim=(0, 2, 3)).cpu()
@@ -264,12 +268,11 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
 
     if (phase1 / "last" / "model.safetensors").is_file():
         if (run_dir / "config.yaml").exists():
-            # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
-            c = load_config(run_dir / "config.yaml")["convert"]
-            kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
-                      **c.get("kwargs", {}))
+            # the pipeline's own conversion settings (cmhsa.pipeline._convert), form, qk_std and kwargs included
+            kw = convert_kwargs(load_config(run_dir / "config.yaml")["convert"])
         elif spec2 is not None:
-            kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key") if k in spec2["kwargs"]}
+            kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key", "form", "qk_dim")
+                  if k in spec2["kwargs"]}
         else:
             kw = dict(bias_strength=DEFAULT_BIAS_STRENGTH, null_key=True)
         found[0] = dict(dirs=[phase1 / "last"], metrics=None, load=lambda kw=kw: _converted(phase1 / "last", kw),

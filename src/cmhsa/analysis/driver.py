@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..models import CMHSA
-from ..pipeline import load_model, run_config_path
+from ..pipeline import load_model, run_config_path, spec_label
 from ._common import _eval_mode, _to_model
 from ._data import _materialise, _model_img_size, _model_in_chans, _val_loader
 from .attention import attention_distance, attention_layers, plot_attention_distance
@@ -50,7 +50,7 @@ def _load(source: Union[str, Path, nn.Module], which: str) -> Tuple[nn.Module, D
         config = run_config_path(ckpt)
         run_dir = config.parent if config is not None and ((config.parent / "phase1").is_dir()
                                                            or (config.parent / "phase2").is_dir()) else None
-    return model.float(), {"name": spec["name"], "path": str(path), "checkpoint": str(ckpt),
+    return model.float(), {"name": spec_label(spec), "path": str(path), "checkpoint": str(ckpt),
                            "run_dir": str(run_dir) if run_dir else None, "config": run_config_path(ckpt)}
 
 

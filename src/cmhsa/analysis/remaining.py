@@ -22,7 +22,7 @@ from ..checkpoint import read_checkpoint_info  # noqa: E402
 from ..config import load_config  # noqa: E402
 from ..convert import DEFAULT_BIAS_STRENGTH, ConvGeometry, conv_blocks, same_padding_geometry  # noqa: E402
 from ..models import CMHSA, convert_model  # noqa: E402
-from ..pipeline import load_model  # noqa: E402
+from ..pipeline import convert_settings, load_model  # noqa: E402
 from ._common import Data, _image_batches, _run_capturing, _save  # noqa: E402
 from ._data import _materialise, _model_in_chans, _val_loader  # noqa: E402
 
@@ -265,9 +265,7 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     if (phase1 / "last" / "model.safetensors").is_file():
         if (run_dir / "config.yaml").exists():
             # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
-            c = load_config(run_dir / "config.yaml")["convert"]
-            kw = dict(bias_strength=c["bias_strength"], null_key=c["null_key"], qk_std=c.get("qk_std", 0.0),
-                      **c.get("kwargs", {}))
+            kw = convert_settings(load_config(run_dir / "config.yaml"))
         elif spec2 is not None:
             kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key") if k in spec2["kwargs"]}
         else:

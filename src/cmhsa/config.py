@@ -263,7 +263,7 @@ def _type_name(kind) -> str:
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
     if typing.get_origin(kind) in (tuple, Tuple):
-        return f"a list of {len(args)} {_type_name(args[0])}s"
+        return f"a list of {len(args)} {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s"
     if typing.get_origin(kind) in (dict, Dict):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))

@@ -127,3 +127,19 @@ def test_every_preset_is_valid(preset):
         cfg = config.phase_config(phase, 10)
         assert cfg.epochs >= 1 and cfg.lr > 0
     assert config.model.name.startswith("cmhsa") and "_conv_" in config.model.name
+
+
+def test_resume_refuses_a_changed_config_and_changes_nothing(run, capsys):
+    """The run directory holds another run's results: resuming it with other data/convert settings must refuse,
+    name what differs and the ways out, and leave config.yaml, summary.md and the weights as they are."""
+    out, _, _ = run
+    files = ("config.yaml", "summary.md", "summary.json", "convert.json", "phase2/last/model.safetensors",
+             "phase2/metrics.jsonl")
+    before = {f: (out / f).read_bytes() for f in files}
+    code = main(["pipeline", "--output", str(out), "--set", *TINY, "name=tiny", "convert.bias_strength=10",
+                 "data.train_subset=300"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "convert.bias_strength: 60.0 -> 10.0" in err and "data.train_subset: None -> 300" in err
+    assert "--no-resume" in err and "--output" in err
+    assert {f: (out / f).read_bytes() for f in files} == before

@@ -17,6 +17,7 @@ Every finished cell is also scored once on the dataset's whole test split (``tes
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -202,12 +203,17 @@ def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
     return kind, config.set({"name": "run", "output": None})
 
 
+@functools.lru_cache(maxsize=4096)
+def _record_identity(path: str, mtime_ns: int) -> Optional[tuple]:
+    record = json.loads(Path(path).read_text())
+    return _run_identity(record["kind"], recorded_config(record))
+
+
 def find_finished(entry: Dict[str, Any], results_root: str | Path) -> Optional[Path]:
     """The record of a finished cell, in any grid under ``results_root``, that ran exactly what ``entry`` runs."""
     identity = _run_identity(entry["kind"], entry["config"])
     for path in sorted(Path(results_root).glob("*/cells/*.json")):
-        record = json.loads(path.read_text())
-        if _run_identity(record["kind"], recorded_config(record)) == identity:
+        if _record_identity(str(path), path.stat().st_mtime_ns) == identity:  # read once per version of the file
             return path
     return None
 

@@ -163,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from .atomic import atomic_write_json
+    from .atomic import atomic_path, atomic_write_json
     from .models import CMHSA, convert_model, transfer_error
     from .pipeline import converted_spec, load_model, spec_label
     from .rundir import PhaseDir
@@ -177,9 +177,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report = transfer_error(model, attn, x)
     out = PhaseDir(args.out)
     out.root.mkdir(parents=True, exist_ok=True)
-    tmp = out.root / ".model.safetensors.tmp"
-    save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(tmp))
-    tmp.replace(out.root / "model.safetensors")
+    with atomic_path(out.root / "model.safetensors") as tmp:
+        save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(tmp))
     out.write_spec(converted_spec(attn))
     atomic_write_json(out.root / "convert.json", {"source": str(ckpt), **report})
     print(f"converted {ckpt} -> {out.root / 'model.safetensors'} ({attn.num_heads} heads per layer)")

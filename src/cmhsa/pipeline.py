@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from . import data as cmdata
+from .atomic import atomic_path
 from .checkpoint import load_weights
 from .config import RunConfig
 from .engine import (all_ranks_agree, evaluate, fit, init_distributed, is_main_process, resolve_device,
@@ -192,8 +193,8 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
                              progress, loaders=(train_loader2, val_loader))
         summary = _summarize(config, run, phase1, phase2, transfer, conv_model, attn_model)
         if is_main_process():
-            plot_curves({p: run.phase(p).read_metrics() for p in ("phase1", "phase2")}, run.curves_path,
-                        title=config.name)
+            with atomic_path(run.curves_path) as tmp:
+                plot_curves({p: run.phase(p).read_metrics() for p in ("phase1", "phase2")}, tmp, title=config.name)
             run.write_json(run.summary_json, summary)
             run.write_text(run.summary_md, _summary_markdown(summary))
             if progress:

@@ -64,6 +64,7 @@ def test_paper_mode_is_exact_inside_and_wrong_at_the_border(K, P, image):
 
 
 def test_error_falls_exponentially_with_bias_strength():
+    torch.manual_seed(0)  # the first slope (beta 8 -> 12) is 0.39-0.47 across kernels: not left to test order
     conv = nn.Conv2d(2, 2, 3, padding="same")
     betas = [8.0, 12.0, 16.0, 20.0]
     with_null = [verify(conv, 4, 24, null_key=True, bias_strength=b).max_error for b in betas]

@@ -103,88 +103,85 @@ def cmd_bounds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_config(args: argparse.Namespace) -> dict:
+def _load_run_config(args: argparse.Namespace):
     from .config import load_config
 
-    overrides = list(args.set or [])
-    for flag, key in (("output", "output"), ("device", "train.device"), ("precision", "train.precision")):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, args.set or [])
+    flags = {"output": args.output, "train.device": args.device, "train.precision": args.precision}
+    return config.set({key: value for key, value in flags.items() if value is not None})
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .engine import distributed_session
     from .pipeline import run_pipeline
 
-    run_pipeline(_load_run_config(args), resume=not args.no_resume)
+    config = _load_run_config(args)
+    with distributed_session():
+        run_pipeline(config, resume=not args.no_resume)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import init_distributed
-    from .config import save_config, train_config
-    from .pipeline import create_model, model_spec, run_dir, train_phase
+    from .engine import distributed_session
+    from .pipeline import create_model, model_spec, open_run, spec_label, train_phase
 
     config = _load_run_config(args)
-    init_distributed()
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    spec = model_spec(config)
-    seed = train_config(config, args.phase, spec["kwargs"]["num_classes"]).seed
-    final = train_phase(create_model(spec, seed), spec, config, args.phase, out / "train",
-                        resume=not args.no_resume)
-    print(f"{spec['name']}: val top-1 {final['val_top1']:.2f}, top-5 {final['val_top5']:.2f}, "
-          f"loss {final['val_loss']:.4f}; checkpoints in {out / 'train'}")
+    with distributed_session():
+        spec = model_spec(config)
+        model = create_model(spec, config.phase_config(args.phase).seed)
+        with open_run(config, resume=not args.no_resume) as run:
+            final = train_phase(model, spec, config, args.phase, run.phase("train"), resume=not args.no_resume)
+    print(f"{spec_label(spec)}: val top-1 {final['val_top1']:.2f}, top-5 {final['val_top5']:.2f}, "
+          f"loss {final['val_loss']:.4f}; checkpoints in {run.phase('train').root}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .config import load_config
-    from .engine import TrainConfig, evaluate, resolve_device, resolve_precision
-    from .pipeline import build_loaders, load_model, run_config_path
+    from .config import TrainConfig, load_config
+    from .engine import evaluate, resolve_device, resolve_precision
+    from .pipeline import build_loaders, load_model, run_config_path, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
-    run_config = run_config_path(ckpt)
-    overrides = list(args.set or [])
-    for flag, key in (("dataset", "data.dataset"), ("data_dir", "data.data_dir")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    config = load_config(run_config, overrides + ["data.val_subset=null"] if args.full_val else overrides)
+    config = load_config(run_config_path(ckpt), args.set or [])
+    flags = {"data.dataset": args.dataset, "data.data_dir": args.data_dir}
+    config = config.set({key: value for key, value in flags.items() if value is not None})
+    if args.full_val:
+        config = config.set({"data.val_subset": None})
     cfg = TrainConfig(device=args.device or "auto", precision=args.precision or "auto",
                       num_classes=spec["kwargs"]["num_classes"])
     _, val_loader, _ = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
     device = resolve_device(cfg)
     metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision),
                        cfg.num_classes)
-    print(json.dumps({"checkpoint": str(ckpt), "model": spec["name"], "dataset": config["data"]["dataset"],
+    print(json.dumps({"checkpoint": str(ckpt), "model": spec_label(spec), "dataset": config.data.dataset,
                       "images": len(val_loader.dataset), **metrics}, indent=2))
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import json
-
     from safetensors.torch import save_file
 
+    from .atomic import atomic_path, atomic_write_json
     from .models import CMHSA, convert_model, transfer_error
-    from .pipeline import MODEL_SPEC_FILE, converted_spec, load_model
+    from .pipeline import converted_spec, load_model, spec_label
+    from .rundir import PhaseDir
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
-        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec['name']})")
+        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec_label(spec)})")
     model = model.double().eval()
     attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key)
     x = torch.randn(8, model.config["in_chans"], *model.patch_embed.img_size, dtype=torch.float64)
     report = transfer_error(model, attn, x)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(out / "model.safetensors"))
-    (out / MODEL_SPEC_FILE).write_text(json.dumps(converted_spec(attn), indent=2))
-    (out / "convert.json").write_text(json.dumps({"source": str(ckpt), **report}, indent=2))
-    print(f"converted {ckpt} -> {out / 'model.safetensors'} ({attn.num_heads} heads per layer)")
+    out = PhaseDir(args.out)
+    out.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out.root / "model.safetensors") as tmp:
+        save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(tmp))
+    out.write_spec(converted_spec(attn))
+    atomic_write_json(out.root / "convert.json", {"source": str(ckpt), **report})
+    print(f"converted {ckpt} -> {out.root / 'model.safetensors'} ({attn.num_heads} heads per layer)")
     print(f"float64 check on random input: per-layer max error "
           f"{', '.join(f'{e:.1e}' for e in report['layer_errors'])}; logits error {report['logits_error']:.2e}")
     return 0
@@ -214,13 +211,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="YAML preset (see configs/); without it the built-in defaults are used")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="override config values, e.g. --set phase1.epochs=3 data.train_subset=1000 (YAML values)")
+                   help="override config values, e.g. --set phase1.epochs=3 data.train_subset=1000 (YAML values, "
+                        "checked against the config's keys and types)")
     p.add_argument("--output", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
                    help="auto = bf16 autocast on CPUs with AMX/AVX512-BF16, AMP on CUDA (default: auto)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start again even if the run directory holds checkpoints (default: resume)")
+                   help="start again, clearing what the run directory holds (default: resume; resuming refuses a "
+                        "directory whose config.yaml differs from this config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,12 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .rundir import RunDirLocked
+
     args = build_parser().parse_args(argv)
     if hasattr(args, "image_size"):
         args.image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -195,16 +195,22 @@ class CMHSA(nn.Module):
 
 @torch.no_grad()
 def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGTH, null_key: bool = True,
-                  fix_embed: bool = False, qk_std: float = 0.0, **overrides) -> CMHSA:
+                  fix_embed: bool = False, qk_std: float = 0.0, form: str = "paper", qk_dim: Optional[int] = None,
+                  **overrides) -> CMHSA:
     """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
 
     Every weight outside the token mixers is copied; each conv mixer becomes a RelPosMHSA by :func:`conv_to_mhsa`.
     ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch projection is
     trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than at the
-    stationary point 0 (see :func:`conv_to_mhsa`).
+    stationary point 0 (see :func:`conv_to_mhsa`). ``form`` is the attention layer built: ``'paper'`` (full-width
+    heads, Theorem 1); ``qk_dim`` is the Q/K head size of the other forms.
     """
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
+    if form != "paper":
+        raise ValueError(f"form {form!r} is not available; use form='paper'")
+    if qk_dim is not None:
+        raise ValueError(f"qk_dim={qk_dim} applies to the non-paper forms only; form='paper' uses head size D")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
                  "num_classes", "head_dim", "mixer"} & set(overrides)
     if forbidden:

@@ -192,6 +192,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .models import CMHSA, convert_model, transfer_error
     from .pipeline import MODEL_SPEC_FILE, converted_spec, load_model
+    from .provenance import git_state
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
@@ -204,7 +205,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(out / "model.safetensors"))
     (out / MODEL_SPEC_FILE).write_text(json.dumps(converted_spec(attn), indent=2))
-    (out / "convert.json").write_text(json.dumps({"source": str(ckpt), **report}, indent=2))
+    (out / "convert.json").write_text(json.dumps({"source": str(ckpt), **report, "git": git_state()},
+                                                   indent=2))
     print(f"converted {ckpt} -> {out / 'model.safetensors'} ({attn.num_heads} heads per layer)")
     print(f"float64 check on random input: per-layer max error "
           f"{', '.join(f'{e:.1e}' for e in report['layer_errors'])}; logits error {report['logits_error']:.2e}")

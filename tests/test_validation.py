@@ -201,3 +201,17 @@ def test_good_edge_values_are_accepted():
     m = RelPosMHSA(dim=8, num_heads=1, head_dim=1, grid_size=(1, 2), out_dim=3, attn_drop=0.0)
     assert m(torch.randn(1, 2, 8)).shape == (1, 2, 3)
     assert head_lower_bound(torch.randn(2, 2, 3, 3), 4, rtol=0.0) == 9
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(bias_strength=math.nan), "bias_strength"),
+    (dict(bias_strength=-60.0), "bias_strength"),
+    (dict(null_key="no"), "null_key"),
+    (dict(qk_std=-1.0), "qk_std"),
+])
+def test_convert_model_passes_the_checks_on(kwargs, name):
+    from cmhsa import CMHSA, convert_model
+
+    model = CMHSA(img_size=8, patch_size=4, in_chans=1, embed="pixel", pixel_dim=2, depth=1, num_classes=3)
+    with pytest.raises(ValueError, match=name):
+        convert_model(model, **kwargs)

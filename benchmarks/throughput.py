@@ -2,7 +2,8 @@
 
 For each model and precision: training images/s (forward + backward + AdamW step), FLOPs per image counted by
 ``torch.utils.flop_counter`` (forward + backward), and model-FLOP utilisation against the GEMM peak measured in the
-same run (a 2048^2 matmul in that precision). Prints a table; ``--json`` also writes it to a file.
+same run (a 2048^2 matmul in that precision). Prints one markdown table per precision (``benchmarks/readme.py``
+pastes it into the README as printed); ``--json`` also writes the rows to a file.
 
     python benchmarks/throughput.py                  # tiny sizes (28 px, D = 128), bf16 and fp32
     python benchmarks/throughput.py --size paper     # 224 px, D = 768 (slow on a CPU: a few images per step)
@@ -90,8 +91,9 @@ def main() -> None:
     for precision in args.precisions:
         dtype = DTYPES[precision]
         peak = gemm_peak(dtype)
-        print(f"\n{precision}: GEMM peak (2048^2 matmul) {peak / 1e9:.0f} GFLOP/s")
-        print(f"{'model':34s} {'params':>8s} {'img/s':>8s} {'GFLOP/img':>10s} {'GFLOP/s':>8s} {'MFU':>6s}")
+        print(f"\n{precision}: GEMM peak (2048^2 matmul) {peak / 1e9:.0f} GFLOP/s\n")
+        print("| model | params | img/s | GFLOP/img | GFLOP/s | MFU |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, build in entries:
             model = build().train()
             params = sum(p.numel() for p in model.parameters())
@@ -100,8 +102,8 @@ def main() -> None:
                        gflop_per_image=flops / 1e9, achieved_gflops=ips * flops / 1e9, peak_gflops=peak / 1e9,
                        mfu=ips * flops / peak)
             rows.append(row)
-            print(f"{name:34s} {params / 1e6:7.2f}M {ips:8.1f} {flops / 1e9:10.3f} {ips * flops / 1e9:8.0f} "
-                  f"{100 * ips * flops / peak:5.1f}%")
+            print(f"| {name} | {params / 1e6:.2f}M | {ips:.0f} | {flops / 1e9:.3f} | {ips * flops / 1e9:.0f} | "
+                  f"{100 * ips * flops / peak:.0f}% |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -10,6 +10,7 @@ from cmhsa.cli import main
 from cmhsa.config import apply_overrides, load_config
 from cmhsa.pipeline import load_model, run_pipeline
 from cmhsa.plots import read_metrics
+from cmhsa.provenance import git_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -71,7 +72,7 @@ def test_eval_and_convert_commands(run, capsys, tmp_path):
     assert main(["convert", str(out / "phase1"), "--out", str(tmp_path / "conv")]) == 0
     capsys.readouterr()
     conv = json.loads((tmp_path / "conv/convert.json").read_text())
-    assert conv["logits_error"] <= 1e-8
+    assert conv["logits_error"] <= 1e-8 and conv["git"] == git_state()
     model, spec, _ = load_model(tmp_path / "conv")
     assert spec["class"] == "CMHSA" and spec["kwargs"] == model.config and model.config["mixer"] == "attn"
 

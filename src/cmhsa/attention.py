@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from .checks import check_bool, check_int, check_real
 from .tokens import IntOrPair, grid_offsets, to_pair
 
 __all__ = ["RelPosMHSA"]
@@ -19,7 +20,7 @@ class RelPosMHSA(nn.Module):
     The bias table holds one learnable scalar per head and per offset of the grid, ``(2*gh-1) * (2*gw-1)``
     offsets, as timm's ``RelPosBias``. With ``null_key=True`` every head also sees one extra key whose key and
     value vectors are zero and whose logit is a learnable per-head scalar: a head can put its weight "nowhere",
-    which is what zero padding needs at the image border (see DESIGN.md §1). Heads are full-size
+    which is what zero padding needs at the image border (see docs/design.md §1.2). Heads are full-size
     (``head_dim`` need not be ``dim / num_heads``), as in the paper's construction.
 
     Input ``(B, N, dim)`` with ``N = gh * gw``, output ``(B, N, out_dim)``.
@@ -38,13 +39,15 @@ class RelPosMHSA(nn.Module):
             proj_drop: float = 0.0,
     ):
         super().__init__()
-        if min(dim, num_heads, head_dim) < 1:
-            raise ValueError(f"dim, num_heads and head_dim must be positive, got {dim}, {num_heads}, {head_dim}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.grid_size = to_pair(grid_size, "grid_size")
-        self.out_dim = out_dim or dim
+        self.dim = check_int(dim, "dim")
+        self.num_heads = check_int(num_heads, "num_heads")
+        self.head_dim = check_int(head_dim, "head_dim")
+        self.grid_size = to_pair(grid_size, "grid_size", minimum=1)
+        self.out_dim = dim if out_dim is None else check_int(out_dim, "out_dim")
+        check_bool(null_key, "null_key")
+        check_bool(qkv_bias, "qkv_bias")
+        check_real(attn_drop, "attn_drop", minimum=0, below=1)
+        check_real(proj_drop, "proj_drop", minimum=0, below=1)
         self.scale = head_dim ** -0.5
 
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,9 +35,21 @@ def _add_conv_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for the random kernel and input (default: 0)")
 
 
+def _check_conv_args(args: argparse.Namespace) -> None:
+    """Flag-level checks, so that a bad value is named by its flag instead of failing deep inside torch."""
+    if len(args.kernel_size) > 2 or min(args.kernel_size) < 1:
+        raise ValueError(f"--kernel-size takes K or KH KW, each >= 1, got {' '.join(map(str, args.kernel_size))}")
+    for flag in ("in_chans", "out_chans", "dilation", "stride", "groups", "patch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.weights is None and (args.in_chans % args.groups or args.out_chans % args.groups):
+        raise ValueError(f"--groups {args.groups} must divide --in-chans {args.in_chans} and "
+                         f"--out-chans {args.out_chans}")
+
+
 def _load_tensors(path: Path) -> dict:
     if not path.exists():
-        raise SystemExit(f"error: --weights file {path} does not exist")
+        raise ValueError(f"--weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -45,27 +58,27 @@ def _load_tensors(path: Path) -> dict:
 
 
 def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
+    _check_conv_args(args)
     torch.manual_seed(args.seed)
     if args.weights is None:
         k = args.kernel_size
         kernel = (k[0], k[0]) if len(k) == 1 else (k[0], k[1])
         padding = "same" if args.stride == 1 else tuple(args.dilation * (s - 1) // 2 for s in kernel)
-        try:
-            return nn.Conv2d(args.in_chans, args.out_chans, kernel, stride=args.stride, padding=padding,
-                             dilation=args.dilation, groups=args.groups, bias=not args.no_bias)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+        return nn.Conv2d(args.in_chans, args.out_chans, kernel, stride=args.stride, padding=padding,
+                         dilation=args.dilation, groups=args.groups, bias=not args.no_bias)
     tensors = _load_tensors(args.weights)
     kernels = {k: v for k, v in tensors.items() if v.ndim == 4}
     if args.key is None and len(kernels) != 1:
-        raise SystemExit(f"error: {args.weights} holds {len(kernels)} 4-d tensors; pick one with --key "
+        raise ValueError(f"{args.weights} holds {len(kernels)} 4-d tensors; pick one with --key "
                          f"(candidates: {', '.join(sorted(kernels)) or 'none'})")
     key = args.key or next(iter(kernels))
     if key not in kernels:
-        raise SystemExit(f"error: no 4-d tensor {key!r} in {args.weights}; candidates: {', '.join(sorted(kernels))}")
+        raise ValueError(f"no 4-d tensor {key!r} in {args.weights}; candidates: {', '.join(sorted(kernels))}")
     weight = kernels[key].double()
     bias = tensors.get(key.rsplit(".", 1)[0] + ".bias" if "." in key else "bias")
     c_out, c_in_group, kh, kw = weight.shape
+    if c_out % args.groups:
+        raise ValueError(f"--groups {args.groups} must divide the kernel's C_out {c_out} ({key} in {args.weights})")
     padding = "same" if args.stride == 1 else (args.dilation * (kh - 1) // 2, args.dilation * (kw - 1) // 2)
     conv = nn.Conv2d(c_in_group * args.groups, c_out, (kh, kw), stride=args.stride, padding=padding,
                      dilation=args.dilation, groups=args.groups, bias=bias is not None, dtype=torch.float64)
@@ -79,9 +92,17 @@ def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .convert import verify
 
-    conv = _build_conv(args)
+    conv = _build_conv(args)  # checks the convolution's flags first
+    if len(args.image_size) > 2 or min(args.image_size) < 1:
+        raise ValueError(f"--image-size takes S or H W, each >= 1, got {' '.join(map(str, args.image_size))}")
+    if any(s % args.patch_size for s in args.image_size):
+        raise ValueError(f"--image-size {' '.join(map(str, args.image_size))} is not divisible by --patch-size "
+                         f"{args.patch_size}; use a multiple of the patch size")
+    if not math.isfinite(args.bias_strength) or args.bias_strength < 0:
+        raise ValueError(f"--bias-strength must be a finite number >= 0, got {args.bias_strength}")
+    image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     print(f"conv: {conv}")
-    report = verify(conv, args.patch_size, args.image_size, dtype=DTYPES[args.dtype], null_key=not args.no_null_key,
+    report = verify(conv, args.patch_size, image_size, dtype=DTYPES[args.dtype], null_key=not args.no_null_key,
                     bias_strength=args.bias_strength, seed=args.seed)
     print(report)
     return 0
@@ -166,6 +187,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .atomic import atomic_path, atomic_write_json
     from .models import CMHSA, convert_model, transfer_error
     from .pipeline import converted_spec, load_model, spec_label
+    from .provenance import git_state
     from .rundir import PhaseDir
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
@@ -180,7 +202,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with atomic_path(out.root / "model.safetensors") as tmp:
         save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(tmp))
     out.write_spec(converted_spec(attn))
-    atomic_write_json(out.root / "convert.json", {"source": str(ckpt), **report})
+    atomic_write_json(out.root / "convert.json", {"source": str(ckpt), **report, "git": git_state()})
     print(f"converted {ckpt} -> {out.root / 'model.safetensors'} ({attn.num_heads} heads per layer)")
     print(f"float64 check on random input: per-layer max error "
           f"{', '.join(f'{e:.1e}' for e in report['layer_errors'])}; logits error {report['logits_error']:.2e}")
@@ -326,8 +348,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .rundir import RunDirLocked
 
     args = build_parser().parse_args(argv)
-    if hasattr(args, "image_size"):
-        args.image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RunDirLocked) as e:

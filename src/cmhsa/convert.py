@@ -3,8 +3,8 @@
 The convolution maps the patches around query patch ``q`` to its output patch as ``y_q = sum_d X_{q+d} T_d``,
 one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
 needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), copies the
-patch (``W_V = I``) and applies ``T_d`` in its slice of ``W_O``. A null key (DESIGN.md §1) makes border patches
-whose neighbour is missing read zeros, which is exactly zero padding.
+patch (``W_V = I``) and applies ``T_d`` in its slice of ``W_O``. A null key (docs/design.md §1.3) makes border
+patches whose neighbour is missing read zeros, which is exactly zero padding.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .attention import RelPosMHSA
+from .checks import check_bool, check_int, check_real
 from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
     "DEFAULT_BIAS_STRENGTH",
 ]
 
-# exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
+# exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (docs/design.md §1.3)
 DEFAULT_BIAS_STRENGTH = 60.0
 
 
@@ -36,6 +37,18 @@ class ConvGeometry:
     dilation: Tuple[int, int] = (1, 1)
     stride: Tuple[int, int] = (1, 1)
     pad_before: Tuple[int, int] = (0, 0)
+
+    def __post_init__(self):
+        # ints become pairs; the index arithmetic below assumes positive sizes and a stride dividing the patch
+        for name, minimum in (("kernel_size", 1), ("patch_size", 1), ("dilation", 1), ("stride", 1),
+                              ("pad_before", 0)):
+            object.__setattr__(self, name, to_pair(getattr(self, name), name, minimum=minimum))
+        P, s = self.patch_size, self.stride
+        if P[0] % s[0] or P[1] % s[1]:
+            raise ValueError(
+                f"stride {s} does not divide patch size {P}: each output token must hold a whole "
+                f"(P/stride)x(P/stride) block of output pixels; use a stride that divides the patch size"
+            )
 
     @property
     def out_patch_size(self) -> Tuple[int, int]:
@@ -79,21 +92,18 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
     """
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    P = to_pair(patch_size, "patch_size")
-    if min(P) < 1:
-        raise ValueError(f"patch_size must be positive, got {patch_size!r}")
-    K, dil, stride = tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
+    P = to_pair(patch_size, "patch_size", minimum=1)
+    # nn.Conv2d accepts these at construction and fails only in forward
+    check_int(conv.in_channels, "conv.in_channels")
+    check_int(conv.out_channels, "conv.out_channels")
+    K = to_pair(tuple(conv.kernel_size), "conv.kernel_size", minimum=1)
+    dil = to_pair(tuple(conv.dilation), "conv.dilation", minimum=1)
+    stride = to_pair(tuple(conv.stride), "conv.stride", minimum=1)
     if conv.padding_mode != "zeros":
         raise ValueError(
             f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero padding only "
             f"(padding_mode='zeros' with padding='same' or the equivalent integer padding)"
         )
-    for axis in (0, 1):
-        if P[axis] % stride[axis]:
-            raise ValueError(
-                f"stride {stride} does not divide patch size {P}: each output token must hold a whole "
-                f"(P/stride)x(P/stride) block of output pixels; use a stride that divides the patch size"
-            )
     if conv.padding == "same":
         pad_before = tuple(_same_pad_before(K[a], dil[a]) for a in (0, 1))
     elif conv.padding == "valid" or isinstance(conv.padding, str):
@@ -144,6 +154,11 @@ def conv_blocks(weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -
         offsets (n, 2) as (dy, dx), and blocks (n, Ph*Pw*C_in, Qh*Qw*C_out) in token layout, so that
         ``y_q = sum_i X_{q + offsets[i]} @ blocks[i]``.
     """
+    if weight.ndim != 4 or tuple(weight.shape[2:]) != geometry.kernel_size:
+        raise ValueError(f"expected a conv kernel (C_out, C_in/groups, {geometry.kernel_size[0]}, "
+                         f"{geometry.kernel_size[1]}) for this geometry, got shape {tuple(weight.shape)}")
+    if check_int(groups, "groups") > 1 and weight.shape[0] % groups:
+        raise ValueError(f"groups={groups} must divide the kernel's C_out={weight.shape[0]}")
     w = _dense_weight(weight, groups)
     (oy, ty), (ox, tx) = geometry.axis_taps(0), geometry.axis_taps(1)
     ty, tx = ty.to(w), tx.to(w)
@@ -160,15 +175,10 @@ def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilatio
                           stride: IntOrPair = 1) -> ConvGeometry:
     """Geometry of a kernel with zero 'same' padding (PyTorch's split; for stride > 1 the padding that keeps
     the output at input_size / stride)."""
-    K, P = to_pair(kernel_size, "kernel_size"), to_pair(patch_size, "patch_size")
-    dil, s = to_pair(dilation, "dilation"), to_pair(stride, "stride")
-    if min(K + P + dil + s) < 1:
-        raise ValueError(f"kernel_size, patch_size, dilation and stride must be positive, "
-                         f"got {kernel_size}, {patch_size}, {dilation}, {stride}")
-    if P[0] % s[0] or P[1] % s[1]:
-        raise ValueError(f"stride {s} does not divide patch size {P}; use a stride that divides the patch size")
+    K = to_pair(kernel_size, "kernel_size", minimum=1)
+    dil = to_pair(dilation, "dilation", minimum=1)
     pad = tuple(_same_pad_before(K[a], dil[a]) for a in (0, 1))
-    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=s, pad_before=pad)
+    return ConvGeometry(kernel_size=K, patch_size=patch_size, dilation=dil, stride=stride, pad_before=pad)
 
 
 def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
@@ -202,7 +212,12 @@ def conv_to_mhsa(
     random values perturb the logits by far less than ``beta / 2``, so the conversion stays exact to ~exp(-beta/2).
     """
     geometry = conv_geometry(conv, patch_size)
-    gh, gw = to_pair(grid_size, "grid_size")
+    gh, gw = to_pair(grid_size, "grid_size", minimum=1)
+    check_real(bias_strength, "bias_strength", minimum=0)
+    check_bool(null_key, "null_key")
+    check_real(qk_std, "qk_std", minimum=0)
+    if num_heads is not None:
+        check_int(num_heads, "num_heads")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
     inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
     offsets, blocks = offsets[inside], blocks[inside]
@@ -296,10 +311,15 @@ def verify(
     """Convert ``conv`` and compare the MHSA with ``F.conv2d`` on a random batch, at every output position."""
     from .bounds import head_lower_bound  # bounds builds on this module
 
-    P = to_pair(patch_size, "patch_size")
-    H, W = to_pair(image_size, "image_size")
+    P = to_pair(patch_size, "patch_size", minimum=1)
+    H, W = to_pair(image_size, "image_size", minimum=1)
     if H % P[0] or W % P[1]:
-        raise ValueError(f"image size {H}x{W} is not divisible by patch size {P[0]}x{P[1]}")
+        raise ValueError(f"image_size {H}x{W} is not divisible by patch_size {P[0]}x{P[1]}; use a multiple of the "
+                         f"patch size")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float64, got {dtype!r}")
+    check_int(batch_size, "batch_size")
+    check_int(seed, "seed", minimum=-2 ** 63)
     grid = (H // P[0], W // P[1])
     conv = copy.deepcopy(conv).to(dtype)  # leave the caller's module untouched
     start = time.perf_counter()

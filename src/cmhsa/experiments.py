@@ -21,7 +21,6 @@ import functools
 import json
 import math
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -32,6 +31,7 @@ from .atomic import atomic_write_text
 from .config import RunConfig, load_config, parse_overrides
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
+from .provenance import git_state
 from .rundir import RunDir
 
 __all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished", "read_cells", "hardware"]
@@ -121,18 +121,6 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
             out.append({"cell": cell["name"], "label": cell.get("label", cell["name"]),
                         "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config})
     return out
-
-
-def git_state() -> Dict[str, Any]:
-    """The commit of the code that ran, and whether its tree had uncommitted changes (None outside a checkout)."""
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def hardware() -> Dict[str, Any]:

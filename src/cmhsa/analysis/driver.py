@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..models import CMHSA
 from ..pipeline import load_model, run_config_path, spec_label
+from ..provenance import git_state
 from ..rundir import PhaseDir, RunDir
 from ._common import _eval_mode, _to_model
 from ._data import _materialise, _model_img_size, _model_in_chans, _val_loader
@@ -156,6 +157,7 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
     files.append(plot_shift_consistency(shift, out_dir / "shift_consistency.png", title=f"{title}: shift consistency"))
 
     result = _jsonable(result)
+    result["git"] = git_state()
     result["files"] = [str(p) for p in [out_dir / "analysis.json", *files]]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "analysis.json").write_text(json.dumps(result, indent=2, allow_nan=False))

@@ -9,7 +9,7 @@ from timm.layers import StdConv2d, create_conv2d
 
 from cmhsa import ConvAsAttention, convert_network
 from cmhsa.cli import main
-from cmhsa.network import format_table
+from cmhsa.network import conv_attention_mass, format_table
 from cmhsa.pipeline import create_model, load_model
 
 
@@ -201,3 +201,15 @@ def test_cli_convert_net_strict_fails_with_reason(tmp_path, capsys):
     code = main(["convert-net", "--model", "resnet18", "--layers", "layer1.0.conv1", "--patch-size", "3",
                  "--img-size", "32", "--strict", "--out", str(tmp_path / "x")])
     assert code == 2 and "feature map 8x8 not divisible by P = 3" in capsys.readouterr().err
+
+
+def test_conv_attention_mass_is_one_at_conversion_and_drops_when_attention_moves():
+    torch.manual_seed(0)
+    net = SmallNet()
+    twin, _ = convert_network(net, layers=["grouped", "big_dw"], img_size=12, verify=False)
+    x = torch.randn(2, 3, 12, 12)
+    mass = conv_attention_mass(twin, x)
+    assert set(mass) == {"grouped", "big_dw"} and all(m > 1 - 1e-6 for m in mass.values())
+    with torch.no_grad():
+        twin.grouped.attn.rel_pos_bias.zero_()  # uniform positional attention: the convolution is gone
+    assert conv_attention_mass(twin, x)["grouped"] < 0.5 and conv_attention_mass(twin, x)["big_dw"] > 1 - 1e-6

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .convert import DEFAULT_BIAS_STRENGTH, conv_geometry, conv_to_mhsa
 from .tokens import IntOrPair, image_to_tokens, to_pair, tokens_to_image
 
-__all__ = ["ConvAsAttention", "convert_network", "format_table", "attention_twin"]
+__all__ = ["ConvAsAttention", "convert_network", "format_table", "conv_attention_mass", "attention_twin"]
 
 PatchSize = Union[str, int, Dict[str, Union[str, int]]]
 
@@ -318,6 +318,45 @@ def convert_network(
         for name, error in _layer_errors(model, originals, sample_input).items():
             next(r for r in table if r["name"] == name)["error"] = error
     return model, table
+
+
+def _conv_keys(layer: ConvAsAttention) -> torch.Tensor:
+    """(n_heads_used, N): per head and query the key the convolution reads, the null key (index N) off the grid."""
+    gh, gw = layer.grid_size
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    ky = ys.flatten()[None] + layer.head_offsets[:, :1].cpu()
+    kx = xs.flatten()[None] + layer.head_offsets[:, 1:].cpu()
+    inside = (ky >= 0) & (ky < gh) & (kx >= 0) & (kx < gw)
+    return torch.where(inside, ky * gw + kx, gh * gw)
+
+
+@torch.no_grad()
+def conv_attention_mass(model: nn.Module, images: torch.Tensor) -> Dict[str, float]:
+    """Per converted layer with a RelPosMHSA (null key), the mean attention weight each head puts on the key its
+    convolution reads (the neighbour at its offset, or the null key where that falls off the grid), over images,
+    queries and heads; 1 at conversion, lower as fine-tuning moves attention away from the convolution."""
+    from .attention import RelPosMHSA
+
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, ConvAsAttention) and isinstance(m.attn, RelPosMHSA) and m.attn.null_key}
+    inputs: Dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
+             for n, m in layers.items()]
+    was_training = model.training
+    try:
+        model.eval()(images)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    mass = {}
+    for name, layer in layers.items():
+        probs = layer.attn.attention_probs(image_to_tokens(inputs[name], layer.patch_size))  # (B, H, N, N + 1)
+        keys = _conv_keys(layer).to(probs.device)  # (h, N)
+        h = keys.shape[0]
+        picked = probs[:, :h].gather(-1, keys[None, :, :, None].expand(probs.shape[0], -1, -1, 1))
+        mass[name] = picked.mean().item()
+    return mass
 
 
 def format_table(table: List[Dict[str, Any]]) -> str:

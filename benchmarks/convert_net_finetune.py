@@ -106,6 +106,30 @@ def mean_std(values) -> dict:
             "values": values}
 
 
+def markdown(record: dict) -> str:
+    """The README table: test top-1 (mean +- std over seeds) and the twin's attention before / after."""
+    s, seeds = record["summary"], record["seeds"]
+    pm = lambda d: f"{d['mean']:.2f} +- {d['std']:.2f}"  # noqa: E731
+    mass = lambda key: statistics.mean(statistics.mean(r["twin"][key].values()) for r in seeds)  # noqa: E731
+    dist = lambda key: statistics.mean(statistics.mean(r["twin"][key]) for r in seeds)  # noqa: E731
+    errors = [r["conversion_logits_error_float64"]["qk_std_0"] for r in seeds]
+    return "\n".join([
+        f"| model | test top-1 (%), {len(seeds)} seeds | fine-tuning time (s) | params |",
+        "| --- | ---: | ---: | ---: |",
+        f"| CNN after pre-training | {pm(s['pretrained_test_top1'])} | | {seeds[0]['cnn']['params'] / 1e6:.2f}M |",
+        f"| CNN, fine-tuned | {pm(s['cnn']['test_top1'])} | {s['cnn']['finetune_seconds']['mean']:.0f} | "
+        f"{seeds[0]['cnn']['params'] / 1e6:.2f}M |",
+        f"| attention twin, fine-tuned | {pm(s['twin']['test_top1'])} | {s['twin']['finetune_seconds']['mean']:.0f} "
+        f"| {seeds[0]['twin']['params'] / 1e6:.2f}M |",
+        "",
+        f"Conversion error (float64 logits, {record['args']['probe_images']} test images): at most {max(errors):.1e}. "
+        f"Twin attention on the convolution's keys: {mass('conv_attention_mass_before'):.6f} before, "
+        f"{mass('conv_attention_mass_after'):.6f} after fine-tuning; mean attention distance "
+        f"{dist('attention_distance_before'):.4f} -> {dist('attention_distance_after'):.4f} patches. "
+        f"Code {record['code']['commit'][:7]}{' (dirty)' if record['code']['dirty'] else ''}.",
+    ])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -118,7 +142,11 @@ def main() -> None:
     p.add_argument("--runs", type=Path, default=Path("runs/convert_net"))
     p.add_argument("--out", type=Path, default=Path("results/convert_net/finetune.json"))
     p.add_argument("--quick", action="store_true", help="2 steps per epoch: a smoke test of the script")
+    p.add_argument("--report", type=Path, default=None, help="print the table of a results JSON and exit")
     args = p.parse_args()
+    if args.report is not None:
+        print(markdown(json.loads(args.report.read_text())))
+        return
 
     base = settings(args)
     code, start = git_state(), time.perf_counter()
@@ -134,9 +162,7 @@ def main() -> None:
               "hardware": hardware(), "seconds": time.perf_counter() - start, "summary": summary, "seeds": seeds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str))
-    for arm in ("cnn", "twin"):
-        s = summary[arm]["test_top1"]
-        print(f"{arm}: test top-1 {s['mean']:.2f} +- {s['std']:.2f} over seeds {args.seeds}")
+    print(markdown(json.loads(args.out.read_text())))
     print(f"wrote {args.out}")
 
 

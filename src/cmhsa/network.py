@@ -270,13 +270,13 @@ def convert_network(
             raise ValueError(f"layers pattern {pattern!r} matches no Conv2d of {type(model).__name__}; its "
                              f"convolutions are named like {names[:3]} ... {names[-2:]}")
     kw = dict(bias_strength=bias_strength, qk_std=qk_std, **_form_kwargs(form))
-    param = next(model.parameters())
     if sample_input is None:
         H, W = to_pair(img_size, "img_size")
         chans = in_chans or next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         generator = torch.Generator().manual_seed(0)
         sample_input = torch.randn(1, chans, H, W, generator=generator)
-    sample_input = sample_input.to(param)
+    param = next(model.parameters(), None)
+    sample_input = sample_input.to(param) if param is not None else sample_input
     sizes = _input_sizes(model, sample_input)
 
     model = copy.deepcopy(model)
@@ -338,7 +338,7 @@ def conv_attention_mass(model: nn.Module, images: torch.Tensor) -> Dict[str, flo
     from .attention import RelPosMHSA
 
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, ConvAsAttention) and isinstance(m.attn, RelPosMHSA) and m.attn.null_key}
+              if isinstance(m, ConvAsAttention) and type(m.attn) is RelPosMHSA and m.attn.null_key}
     inputs: Dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
              for n, m in layers.items()]

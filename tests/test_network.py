@@ -213,3 +213,28 @@ def test_conv_attention_mass_is_one_at_conversion_and_drops_when_attention_moves
     with torch.no_grad():
         twin.grouped.attn.rel_pos_bias.zero_()  # uniform positional attention: the convolution is gone
     assert conv_attention_mass(twin, x)["grouped"] < 0.5 and conv_attention_mass(twin, x)["big_dw"] > 1 - 1e-6
+
+
+def test_cmhsa_train_fine_tunes_a_converted_checkpoint(tmp_path, capsys):
+    """model.name=attention_twin with the convert-net kwargs and timm's checkpoint_path starts from the twin."""
+    out = tmp_path / "twin"
+    assert main(["convert-net", "--model", "resnet18", "--model-kwargs", '{"in_chans": 1, "num_classes": 10}',
+                 "--layers", "layer4.1.*", "--img-size", "32", "--out", str(out)]) == 0
+    kwargs = json.loads((out / "model.json").read_text())["kwargs"]
+    kwargs["checkpoint_path"] = str(out / "model.safetensors")
+    twin, _, _ = load_model(out)
+    started = create_model({"name": "attention_twin", "kwargs": kwargs}, seed=123)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert relative_error(started.eval()(x), twin.eval()(x)) < 1e-6
+    config = tmp_path / "finetune.yaml"
+    config.write_text(json.dumps({"name": "ft", "output": str(tmp_path / "run"),
+                                  "data": {"dataset": "digits", "img_size": 32},
+                                  "model": {"name": "attention_twin", "kwargs": kwargs},
+                                  "phase1": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 8,
+                                             "precision": "fp32", "device": "cpu"}}))
+    capsys.readouterr()
+    assert main(["train", "--config", str(config)]) == 0
+    assert "attention_twin: val top-1" in capsys.readouterr().out
+    trained, spec, _ = load_model(tmp_path / "run")
+    assert spec["name"] == "attention_twin" and sum(isinstance(m, ConvAsAttention) for m in trained.modules()) == 2

@@ -206,6 +206,8 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
     cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
     if args.checkpoint is not None:
         load_weights(args.checkpoint, cnn)
+    if args.patch_size != "auto" and not args.patch_size.isdigit():
+        raise ValueError(f"--patch-size must be 'auto' or a positive int, got {args.patch_size!r}")
     patch_size = "auto" if args.patch_size == "auto" else int(args.patch_size)
     img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
     cnn = cnn.double().eval()

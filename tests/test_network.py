@@ -18,7 +18,7 @@ def relative_error(a, b):
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "convnext_atto", "mobilenetv3_small_100",
-                                  "efficientnet_b0"])
+                                  "efficientnet_b0", "tf_mobilenetv3_small_100"])  # tf_: Conv2dSame, stride 2
 def test_timm_network_twin_is_exact(name):
     """Every Conv2d of the network becomes attention; logits agree to 1e-8 in float64. In bf16 the twin is as
     close to the float64 logits as the bf16 CNN itself: within 1.5x its error and 5e-2 relative."""
@@ -116,16 +116,19 @@ def test_unsupported_layers_are_skipped_with_their_reason_or_raise_when_strict(p
 
 
 def test_conv2d_same_dynamic_padding():
-    """timm's Conv2dSame: stride 1 (any kernel) and stride 2 with 4x4 kernels match a static padding exactly;
-    stride 2 with 3x3 pads (0, 1) on even maps, which is skipped with its reason."""
+    """timm's Conv2dSame pads by the input size, more after than before when the total is odd (3x3, stride 2 on an
+    even map): converted exactly through an equivalent static padding; dilation 3 > stride 2 is skipped."""
     torch.manual_seed(0)
     net = nn.Sequential(create_conv2d(3, 4, 4, padding="same"), create_conv2d(4, 4, 4, stride=2, padding="same"),
-                        create_conv2d(4, 4, 3, stride=2, padding="same")).double()
+                        create_conv2d(4, 4, 3, stride=2, padding="same"),
+                        create_conv2d(4, 4, 5, stride=2, padding="same", groups=4),
+                        create_conv2d(4, 4, 3, stride=2, dilation=3, padding="same")).double()
     assert all(type(m).__name__ == "Conv2dSame" for m in net[1:])
-    twin, table = convert_network(net, img_size=16)
-    assert [r["converted"] for r in table] == [True, True, False]
-    assert "pads 0 before and 1 after on a 8x8 map" in table[2]["reason"]
-    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    twin, table = convert_network(net, img_size=32)
+    assert [r["converted"] for r in table] == [True, True, True, True, False]
+    assert all(r["error"] < 1e-10 for r in table[:4])
+    assert "pads 2 before and 3 after on a 4x4 map" in table[4]["reason"]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         assert relative_error(twin(x), net(x)) < 1e-10
 

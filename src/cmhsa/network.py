@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from timm.layers.padding import get_same_padding
 from timm.models import register_model
@@ -104,31 +105,37 @@ def _input_sizes(model: nn.Module, sample: torch.Tensor) -> Dict[str, List[Tuple
 
 
 def _static_conv(conv: nn.Conv2d, in_size: Tuple[int, int]) -> nn.Conv2d:
-    """``conv`` as a plain zero-padded ``nn.Conv2d`` for inputs of ``in_size``, sharing its parameters.
+    """``conv`` as a plain zero-padded ``nn.Conv2d`` computing the same outputs on inputs of ``in_size``.
 
     timm's ``Conv2dSame`` pads ``total // 2`` before and the rest after, computed from the input size. At stride 1
-    that is PyTorch's ``padding='same'``; at stride > 1, when the output is ``in_size / stride``, it equals symmetric
-    padding ``total // 2`` on every position computed (conv_geometry rejects the sizes where it does not).
+    that is PyTorch's ``padding='same'``. At stride s > 1 (input divisible by s) ``total = reach + 1 - s``: when it is
+    even, symmetric padding ``total // 2`` reads the same pixels; when odd, a zero tap in front of the kernel and one
+    more pixel of padding do (output ``u`` still reads ``s*u - total // 2 + dilation*a``), if dilation <= s.
     """
     if type(conv) is nn.Conv2d:
         return conv
     if type(conv) is not Conv2dSame:
         raise _Skip(f"{type(conv).__name__} is an nn.Conv2d subclass with its own forward; only nn.Conv2d and "
                     f"timm's Conv2dSame are converted")
-    pad = "same"
-    if conv.stride != (1, 1):
+    if conv.stride == (1, 1):
+        pad, front = "same", (0, 0)
+    else:
         total = [get_same_padding(in_size[a], conv.kernel_size[a], conv.stride[a], conv.dilation[a]) for a in (0, 1)]
-        pad = (total[0] // 2, total[1] // 2)
+        reach = [conv.dilation[a] * (conv.kernel_size[a] - 1) for a in (0, 1)]
+        front = tuple(int(reach[a] + 1 - conv.stride[a] > 2 * (total[a] // 2)) for a in (0, 1))
         for a in (0, 1):
-            reach = conv.dilation[a] * (conv.kernel_size[a] - 1)
-            if not reach + 1 - conv.stride[a] <= 2 * pad[a] <= reach:
-                raise _Skip(f"Conv2dSame pads {pad[a]} before and {total[a] - pad[a]} after on a "
-                            f"{in_size[0]}x{in_size[1]} map; conv_to_mhsa takes the padding of an nn.Conv2d "
-                            f"whose output is in_size / stride only")
+            if front[a] and conv.dilation[a] > conv.stride[a]:
+                raise _Skip(f"Conv2dSame pads {total[a] // 2} before and {total[a] - total[a] // 2} after on a "
+                            f"{in_size[0]}x{in_size[1]} map, which no zero padding matches at dilation "
+                            f"{conv.dilation[a]} > stride {conv.stride[a]}")
+        pad = tuple(total[a] // 2 + front[a] * conv.dilation[a] for a in (0, 1))
+    kernel = (conv.kernel_size[0] + front[0], conv.kernel_size[1] + front[1])
     with torch.device("meta"):
-        static = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, pad, conv.dilation,
+        static = nn.Conv2d(conv.in_channels, conv.out_channels, kernel, conv.stride, pad, conv.dilation,
                            conv.groups, bias=conv.bias is not None)
-    static.weight, static.bias = conv.weight, conv.bias
+    # the zero taps go first: tap a of the original kernel is tap a + front of this one
+    static.weight = nn.Parameter(F.pad(conv.weight.detach(), (front[1], 0, front[0], 0)), requires_grad=False)
+    static.bias = conv.bias
     return static
 
 

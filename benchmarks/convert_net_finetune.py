@@ -122,6 +122,8 @@ def markdown(record: dict) -> str:
         f"| attention twin, fine-tuned | {pm(s['twin']['test_top1'])} | {s['twin']['finetune_seconds']['mean']:.0f} "
         f"| {seeds[0]['twin']['params'] / 1e6:.2f}M |",
         "",
+        "Twin minus CNN after fine-tuning, per seed: " + ", ".join(
+            f"{r['twin']['test']['top1'] - r['cnn']['test']['top1']:+.2f}" for r in seeds) + " points. "
         f"Conversion error (float64 logits, {record['args']['probe_images']} test images): at most {max(errors):.1e}. "
         f"Twin attention on the convolution's keys: {mass('conv_attention_mass_before'):.6f} before, "
         f"{mass('conv_attention_mass_after'):.6f} after fine-tuning; mean attention distance "

@@ -209,6 +209,81 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_net(args: argparse.Namespace) -> int:
+    """`cmhsa convert-net`: a timm CNN -> its exact attention twin (model.safetensors, model.json, convert.json)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import load_weights
+    from .network import convert_network, format_table
+    from .pipeline import MODEL_SPEC_FILE, create_model
+
+    kwargs = json.loads(args.model_kwargs)
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
+    cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
+    if args.checkpoint is not None:
+        load_weights(args.checkpoint, cnn)
+    if args.patch_size != "auto" and not args.patch_size.isdigit():
+        raise ValueError(f"--patch-size must be 'auto' or a positive int, got {args.patch_size!r}")
+    patch_size = "auto" if args.patch_size == "auto" else int(args.patch_size)
+    img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
+    cnn = cnn.double().eval()
+    settings = dict(form=args.form, bias_strength=args.bias_strength, qk_std=args.qk_std)
+    twin, table = convert_network(cnn, patch_size, args.layers, strict=args.strict, img_size=img_size, **settings)
+    print(format_table(table))
+    in_chans = next(m for m in cnn.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.randn(4, in_chans, *((img_size,) * 2 if isinstance(img_size, int) else img_size),
+                    generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    with torch.no_grad():
+        ref = cnn(x)
+        error = ((twin(x) - ref).abs().max() / ref.abs().max()).item()
+    print(f"float64 logits error on random input: {error:.2e} (max |twin - cnn| / max |cnn|)")
+    # the exact per-layer settings, so `attention_twin` rebuilds this structure whatever 'auto' picks later
+    converted = {r["name"]: r["P"] for r in table if r["converted"]}
+    spec = {"name": "attention_twin", "kwargs": {
+        "cnn": args.model, "cnn_kwargs": kwargs, "num_classes": cnn.num_classes, "in_chans": in_chans,
+        "img_size": img_size, "patch_size": converted, "layers": list(converted), **settings}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in twin.state_dict().items()}, str(out / "model.safetensors"))
+    (out / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    (out / "convert.json").write_text(json.dumps({"source": str(args.checkpoint) if args.checkpoint else None,
+                                                  "logits_error_float64": error, "layers": table}, indent=2))
+    print(f"wrote {out / 'model.safetensors'} and {out / MODEL_SPEC_FILE} ({len(converted)} layers as attention)")
+    return 0
+
+
+def _add_convert_net_parser(sub) -> None:
+    from .convert import DEFAULT_BIAS_STRENGTH
+
+    p = sub.add_parser("convert-net", help="any timm CNN -> its exact attention twin, with the per-layer table",
+                       description="Replace the selected convolutions of a timm CNN (random, or --checkpoint) by "
+                                   "exactly equivalent attention layers; prints the per-layer table and the float64 "
+                                   "logits error, writes model.safetensors, model.json and convert.json. "
+                                   "`cmhsa eval DIR` loads the result; a config with model.name=attention_twin and "
+                                   "these kwargs plus checkpoint_path trains it with `cmhsa train`.")
+    p.add_argument("--model", required=True, help="timm model name, e.g. resnet18")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="CNN weights: a .safetensors file or a checkpoint dir holding model.safetensors")
+    p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for timm.create_model, e.g. "
+                                                        "'{\"in_chans\": 1, \"num_classes\": 10}'")
+    p.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
+                   help="fnmatch patterns on module names, e.g. 'layer4.*' (default: every Conv2d)")
+    p.add_argument("--patch-size", default="auto", help="'auto' (cheaper per layer) or an int P (default: auto)")
+    p.add_argument("--img-size", type=int, nargs="+", required=True, metavar="S",
+                   help="input size S or H W the twin is built for")
+    p.add_argument("--form", default="paper", help="attention layer form of conv_to_mhsa (default: paper)")
+    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
+    p.add_argument("--qk-std", type=float, default=0.0,
+                   help="> 0 starts W_Q, W_K small and random so fine-tuning can learn content attention")
+    p.add_argument("--strict", action="store_true", help="fail on the first selected layer that cannot convert")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random CNN weights and check input")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=cmd_convert_net)
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import load_experiment, run_experiment
 
@@ -337,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", type=Path, default=Path("configs/experiments"),
                    help="grid configs whose header comments describe the setup")
     p.set_defaults(func=cmd_report)
+
+    _add_convert_net_parser(sub)
 
     from .analysis import add_analyze_parser
 

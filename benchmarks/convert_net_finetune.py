@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 
 from cmhsa.analysis.attention import attention_distance
-from cmhsa.config import apply_overrides, load_config, save_config
+from cmhsa.atomic import atomic_write_text
+from cmhsa.config import RunConfig, save_config
 from cmhsa.engine import evaluate, resolve_precision
-from cmhsa.experiments import git_state, hardware
+from cmhsa.experiments import hardware
 from cmhsa.network import conv_attention_mass, convert_network
 from cmhsa.pipeline import build_loaders, create_model, train_phase
+from cmhsa.provenance import git_state
+from cmhsa.rundir import PhaseDir, RunDir
 
 CNN = {"name": "resnet18", "kwargs": {"in_chans": 1, "num_classes": 10, "channels": [16, 32, 64, 128],
                                       "stem_width": 16, "output_stride": 16}}
@@ -34,34 +37,34 @@ LAYERS = "layer4.*"
 CONVERT = {"bias_strength": 60.0, "qk_std": 0.02}  # the pipeline's phase-2 conversion (configs/fmnist_tiny.yaml)
 
 
-def settings(args) -> dict:
-    return load_config(None, [
-        "name=convert-net-finetune", "data.dataset=fashion_mnist", f"data.img_size={args.img_size}",
-        "data.resize=resize", f"data.train_subset={args.train_subset}", f"data.val_subset={args.val_subset}",
-        "train.batch_size=64", "train.precision=auto", "train.log_interval=1000",
-        f"phase1.epochs={args.pretrain_epochs}", "phase1.lr=2.0e-3", "phase1.warmup_epochs=1",
-        f"phase2.epochs={args.finetune_epochs}", "phase2.lr=5.0e-4", "phase2.warmup_epochs=0",
-    ] + (["train.max_steps_per_epoch=2"] if args.quick else []))
+def settings(args) -> RunConfig:
+    return RunConfig().set({
+        "name": "convert-net-finetune", "data.dataset": "fashion_mnist", "data.img_size": args.img_size,
+        "data.resize": "resize", "data.train_subset": args.train_subset, "data.val_subset": args.val_subset,
+        "train.batch_size": 64, "train.precision": "auto", "train.log_interval": 1000,
+        "phase1.epochs": args.pretrain_epochs, "phase1.lr": 2.0e-3, "phase1.warmup_epochs": 1,
+        "phase2.epochs": args.finetune_epochs, "phase2.lr": 5.0e-4, "phase2.warmup_epochs": 0,
+        **({"train.max_steps_per_epoch": 2} if args.quick else {})})
 
 
 def relative_error(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def run_seed(seed: int, base: dict, args) -> dict:
-    config = apply_overrides(base, [f"train.seed={seed}", f"output={args.runs / f'seed{seed}'}"])
-    run = Path(config["output"])
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(config, run / "config.yaml")  # `cmhsa eval <run>/twin` reads the data settings from here
+def run_seed(seed: int, base: RunConfig, args) -> dict:
+    config = base.set({"train.seed": seed, "output": str(args.runs / f"seed{seed}")})
+    run = RunDir(config.run_dir())
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(config, run.config_path)  # `cmhsa eval <run>/twin` reads the data settings from here
     train_loader, val_loader, _ = build_loaders(config, 64, 1)
-    test_loader = build_loaders(apply_overrides(config, ["data.val_subset=null"]), 256, 1)[1]
+    test_loader = build_loaders(config.set({"data.val_subset": None}), 256, 1)[1]
     precision = resolve_precision("cpu", "auto")
     test = lambda model: evaluate(model, test_loader, "cpu", precision, 10)  # noqa: E731
     probe = next(iter(test_loader))[0][:args.probe_images]
 
     t0 = time.perf_counter()
     cnn = create_model(CNN, seed=seed)
-    train_phase(cnn, CNN, config, "phase1", run / "pretrain", loaders=(train_loader, val_loader), progress=False)
+    train_phase(cnn, CNN, config, "phase1", PhaseDir(run.root / "pretrain"), loaders=(train_loader, val_loader), progress=False)
     pretrained = test(cnn)
     pretrain_seconds = time.perf_counter() - t0
 
@@ -85,7 +88,7 @@ def run_seed(seed: int, base: dict, args) -> dict:
     arms = {}
     for arm, model, spec in (("twin", twin, twin_spec), ("cnn", copy.deepcopy(cnn), CNN)):
         t0 = time.perf_counter()
-        final = train_phase(model, spec, config, "phase2", run / arm, loaders=(train_loader, val_loader),
+        final = train_phase(model, spec, config, "phase2", PhaseDir(run.root / arm), loaders=(train_loader, val_loader),
                             progress=False)
         seconds = time.perf_counter() - t0
         arms[arm] = {"test": test(model), "finetune_seconds": seconds, "val_top1_last_epoch": final["val_top1"],
@@ -160,10 +163,9 @@ def main() -> None:
     summary["twin"]["conv_attention_mass_after"] = mean_std(
         [statistics.mean(r["twin"]["conv_attention_mass_after"].values()) for r in seeds])
     record = {"experiment": "convert_net_finetune", "cnn": CNN, "layers": LAYERS, "convert": CONVERT,
-              "config": base, "args": {k: str(v) for k, v in vars(args).items()}, "code": code,
+              "config": base.to_dict(), "args": {k: str(v) for k, v in vars(args).items()}, "code": code,
               "hardware": hardware(), "seconds": time.perf_counter() - start, "summary": summary, "seeds": seeds}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2, default=str))
+    atomic_write_text(args.out, json.dumps(record, indent=2, default=str))
     print(markdown(json.loads(args.out.read_text())))
     print(f"wrote {args.out}")
 

@@ -9,6 +9,8 @@ rewrites what is between the two and leaves the rest of the file alone.
     python benchmarks/readme.py findings      # the "At a glance" table of results/REPORT.md
     python benchmarks/readme.py convert       # benchmarks/convert.py timings (this machine, now)
     python benchmarks/readme.py throughput    # benchmarks/throughput.py table (this machine, now; minutes)
+    python benchmarks/readme.py convert-net   # benchmarks/convert_net.py cost of five timm twins (this machine; minutes)
+    python benchmarks/readme.py convert-net-finetune  # results/convert_net/finetune.json, as its script reports it
     python benchmarks/readme.py all           # every block (`make readme`)
 
 Benchmark blocks paste the benchmark's printed markdown as is, after a line naming the machine and its load, so
@@ -135,12 +137,23 @@ def findings_block() -> str:
     return f"From `results/REPORT.md` (`cmhsa report results`), its \"At a glance\" section:\n\n{body}"
 
 
+def _script_output(script: str, *args: str) -> str:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def benchmark_block(script: str, *args: str) -> str:
     """The benchmark's stdout as printed, after the machine line."""
     head = machine_line()
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
-                         check=True).stdout
-    return f"{head} `python benchmarks/{script}{''.join(' ' + a for a in args)}`\n\n{out.strip()}"
+    return f"{head} `python benchmarks/{script}{''.join(' ' + a for a in args)}`\n\n{_script_output(script, *args)}"
+
+
+def convert_net_finetune_block() -> str:
+    path = ROOT / "results/convert_net/finetune.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; `python benchmarks/convert_net_finetune.py` writes it")
+    table = _script_output("convert_net_finetune.py", "--report", str(path))
+    return f"From `{path.relative_to(ROOT)}` (`python benchmarks/convert_net_finetune.py`):\n\n{table}"
 
 
 BLOCKS: Dict[str, Callable[[], str]] = {
@@ -150,6 +163,8 @@ BLOCKS: Dict[str, Callable[[], str]] = {
     "findings": findings_block,
     "convert": lambda: benchmark_block("convert.py"),
     "throughput": lambda: benchmark_block("throughput.py"),
+    "convert-net": lambda: benchmark_block("convert_net.py", "--img-size", "64", "--repeats", "3"),
+    "convert-net-finetune": convert_net_finetune_block,
 }
 
 

@@ -61,3 +61,8 @@ def test_verify_block_matches_a_regeneration():
 def test_models_block_matches_a_regeneration():
     # parameter counts and shapes: no roundoff, identical on every machine
     assert readme.read_block(README, "models") == readme.models_block()
+
+
+def test_convert_net_finetune_block_matches_its_results_file():
+    # a stored result, reported by its own script: the README must say what the JSON holds
+    assert readme.read_block(README, "convert-net-finetune") == readme.convert_net_finetune_block()

@@ -181,14 +181,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def _write_converted(out: Path, model: nn.Module, spec: dict, record: dict) -> "PhaseDir":
+    """Write a converted model as `cmhsa eval` loads it: ``model.safetensors`` (float32) and ``model.json`` (its
+    spec), with ``record`` and the code's git state in ``convert.json``."""
     from safetensors.torch import save_file
 
     from .atomic import atomic_path, atomic_write_json
-    from .models import CMHSA, convert_model, transfer_error
-    from .pipeline import converted_spec, load_model, spec_label
     from .provenance import git_state
     from .rundir import PhaseDir
+
+    phase = PhaseDir(out)
+    phase.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(phase.root / "model.safetensors") as tmp:
+        save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    phase.write_spec(spec)
+    atomic_write_json(phase.root / "convert.json", {**record, "git": git_state()})
+    return phase
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .models import CMHSA, convert_model, transfer_error
+    from .pipeline import converted_spec, load_model, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
@@ -197,12 +210,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key)
     x = torch.randn(8, model.config["in_chans"], *model.patch_embed.img_size, dtype=torch.float64)
     report = transfer_error(model, attn, x)
-    out = PhaseDir(args.out)
-    out.root.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out.root / "model.safetensors") as tmp:
-        save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(tmp))
-    out.write_spec(converted_spec(attn))
-    atomic_write_json(out.root / "convert.json", {"source": str(ckpt), **report, "git": git_state()})
+    out = _write_converted(args.out, attn, converted_spec(attn), {"source": str(ckpt), **report})
     print(f"converted {ckpt} -> {out.root / 'model.safetensors'} ({attn.num_heads} heads per layer)")
     print(f"float64 check on random input: per-layer max error "
           f"{', '.join(f'{e:.1e}' for e in report['layer_errors'])}; logits error {report['logits_error']:.2e}")
@@ -213,13 +221,14 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
     """`cmhsa convert-net`: a timm CNN -> its exact attention twin (model.safetensors, model.json, convert.json)."""
     import json
 
-    from safetensors.torch import save_file
-
     from .checkpoint import load_weights
     from .network import convert_network, format_table
-    from .pipeline import MODEL_SPEC_FILE, create_model
+    from .pipeline import create_model
 
-    kwargs = json.loads(args.model_kwargs)
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError:
+        kwargs = None
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
     cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
@@ -245,13 +254,9 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
     spec = {"name": "attention_twin", "kwargs": {
         "cnn": args.model, "cnn_kwargs": kwargs, "num_classes": cnn.num_classes, "in_chans": in_chans,
         "img_size": img_size, "patch_size": converted, "layers": list(converted), **settings}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in twin.state_dict().items()}, str(out / "model.safetensors"))
-    (out / MODEL_SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    (out / "convert.json").write_text(json.dumps({"source": str(args.checkpoint) if args.checkpoint else None,
-                                                  "logits_error_float64": error, "layers": table}, indent=2))
-    print(f"wrote {out / 'model.safetensors'} and {out / MODEL_SPEC_FILE} ({len(converted)} layers as attention)")
+    out = _write_converted(args.out, twin, spec, {"source": str(args.checkpoint) if args.checkpoint else None,
+                                                  "logits_error_float64": error, "layers": table})
+    print(f"wrote {out.root / 'model.safetensors'} and {out.spec_path} ({len(converted)} layers as attention)")
     return 0
 
 

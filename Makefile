@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run verify test bench clean
+.PHONY: setup run verify test bench readme clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
@@ -27,6 +27,10 @@ test: setup
 bench: setup
 	$(PY) benchmarks/convert.py
 	$(PY) benchmarks/throughput.py
+
+# every measured block of README.md, rewritten in place by the command that measures it (timings take minutes)
+readme: setup
+	$(PY) benchmarks/readme.py all
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -21,16 +21,18 @@ from pathlib import Path
 import torch
 
 from cmhsa.analysis import shift_consistency
-from cmhsa.config import load_config
+from cmhsa.config import RunConfig, load_config
 from cmhsa.data import create_datasets, create_loader
-from cmhsa.experiments import git_state, hardware
+from cmhsa.experiments import hardware
+from cmhsa.provenance import git_state
 from cmhsa.models import convert_model, with_img_size
-from cmhsa.pipeline import converted_spec, load_model, run_dir, run_pipeline, train_phase
+from cmhsa.pipeline import convert_settings, converted_spec, load_model, run_pipeline, train_phase
+from cmhsa.rundir import RunDir
 
 VARIANTS = {"baseline": {}, "aps_circular": {"anchor": "aps", "padding_mode": "circular"}}
 
 
-def config_for(args, variant: str, seed: int) -> dict:
+def config_for(args, variant: str, seed: int) -> RunConfig:
     kwargs = {"drop_path_rate": 0.05, **VARIANTS.get(variant, {})}
     overrides = [f"name=shift-{variant}-s{seed}", f"output={args.runs}/{variant}-s{seed}",
                  f"data.train_subset={args.train_subset}", f"data.val_subset={args.val_subset}",
@@ -40,10 +42,10 @@ def config_for(args, variant: str, seed: int) -> dict:
     return load_config("configs/fmnist_tiny.yaml", overrides)
 
 
-def val_batches(config: dict, img_size: int):
-    d = config["data"]
-    _, val, info = create_datasets(d["dataset"], img_size=img_size, in_chans=1, data_dir=d.get("data_dir"),
-                                   val_subset=d["val_subset"], augment="none",
+def val_batches(config: RunConfig, img_size: int):
+    d = config.data
+    _, val, info = create_datasets(d.dataset, img_size=img_size, in_chans=1, data_dir=d.data_dir,
+                                   val_subset=d.val_subset, augment="none",
                                    resize="resize" if img_size != 28 else "pad")
     black = [-m / s for m, s in zip(info.mean, info.std)]
     return list(create_loader(val, 250, training=False)), black
@@ -65,11 +67,11 @@ def run_variant(args, variant: str, seed: int, code: dict) -> dict:
     batches, black = val_batches(config, 28)
     shifts = list(range(1, 5))
     if variant == "local":
-        conv, _, _ = load_model(run_dir(config) / "phase1")
-        local = convert_model(conv.float(), bias_strength=config["convert"]["bias_strength"],
-                              null_key=config["convert"]["null_key"], qk_std=config["convert"]["qk_std"], form="local")
+        conv, _, _ = load_model(config.run_dir() / "phase1")
+        local = convert_model(conv.float(), **{**convert_settings(config), "form": "local"})
         out = Path(args.runs) / f"local-s{seed}"
-        train_phase(local, converted_spec(local), config, "phase2", out / "phase2", resume=True, progress=False)
+        train_phase(local, converted_spec(local), config, "phase2", RunDir(out).phase("phase2"), resume=True,
+                    progress=False)
         local = load_model(out / "phase2")[0]
         batches56, black56 = val_batches(config, 56)
         record = {"phase1": measure(conv, batches, black, shifts), "phase2": measure(local, batches, black, shifts),
@@ -78,13 +80,13 @@ def run_variant(args, variant: str, seed: int, code: dict) -> dict:
                   "phase2_at_56px": measure(with_img_size(local, 56), batches56, black56, [2, 8])}
     else:
         run_pipeline(config, resume=True, progress=False)
-        conv, _, _ = load_model(run_dir(config) / "phase1")
-        attn, _, _ = load_model(run_dir(config) / "phase2")
+        conv, _, _ = load_model(config.run_dir() / "phase1")
+        attn, _, _ = load_model(config.run_dir() / "phase2")
         record = {"phase1": measure(conv, batches, black, shifts), "phase2": measure(attn, batches, black, shifts)}
     record.update(variant=variant, seed=seed, seconds=time.time() - start, code=code, hardware=hardware(),
                   budget={k: getattr(args, k) for k in ("train_subset", "val_subset", "phase1_epochs",
                                                         "phase2_epochs", "batch_size")},
-                  model_kwargs=config["model"]["kwargs"])
+                  model_kwargs=config.model.kwargs)
     return record
 
 

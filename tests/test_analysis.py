@@ -19,6 +19,7 @@ from cmhsa.checkpoint import save_checkpoint
 from cmhsa.config import load_config, save_config
 from cmhsa.convert import conv_blocks, same_padding_geometry
 from cmhsa.models import CMHSA, convert_model
+from cmhsa.provenance import git_state
 
 TINY = dict(img_size=12, patch_size=4, in_chans=1, num_classes=5, embed="pixel", pixel_dim=2, depth=2, mixer="conv",
             kernel_size=3, mlp_ratio=2.0)
@@ -386,6 +387,7 @@ def test_analyze_run_directory(run_dir, tmp_path):
     for name in ("attention_distance", "cka_self", "cka_compare", "shift_consistency", "remaining_convolution"):
         assert (tmp_path / f"out/{name}.png").read_bytes()[:4] == b"\x89PNG", name
     assert result["files"][0].endswith("analysis.json")
+    assert stored["git"] == git_state() and stored["git"]["commit"]
 
 
 def test_analyze_command_and_model_input(run_dir, tmp_path, capsys):

@@ -63,5 +63,5 @@ def test_best_fit_beats_any_particular_choice_of_heads():
 def test_bad_kernel_shape_raises():
     with pytest.raises(ValueError, match="expected a conv kernel"):
         head_lower_bound(torch.randn(3, 3, 3), 4)
-    with pytest.raises(ValueError, match="num_heads must be >= 0"):
+    with pytest.raises(ValueError, match="num_heads must be an int >= 0"):
         best_fit_error(torch.randn(1, 1, 3, 3), 4, -1)

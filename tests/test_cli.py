@@ -57,13 +57,62 @@ def test_kernel_from_safetensors(tmp_path, capsys):
     assert number_after("max \\|error\\|", out) < 1e-9
 
 
-def test_bad_input_exits_with_a_message(capsys):
+def test_bad_input_exits_with_a_message(capsys, tmp_path):
     code, _, err = run(capsys, "verify", "--stride", "3", "--patch-size", "4", "--image-size", "16")
     assert code == 2 and "does not divide patch size" in err
-    with pytest.raises(SystemExit, match="holds 2 4-d tensors"):
-        path = "/tmp/two_kernels.safetensors"
-        save_file({"a": torch.zeros(1, 1, 3, 3), "b": torch.zeros(1, 1, 3, 3)}, path)
-        main(["verify", "--weights", path])
+    path = tmp_path / "two_kernels.safetensors"
+    save_file({"a": torch.zeros(1, 1, 3, 3), "b": torch.zeros(1, 1, 3, 3)}, str(path))
+    code, _, err = run(capsys, "verify", "--weights", str(path))
+    assert code == 2 and "holds 2 4-d tensors" in err
+    code, _, err = run(capsys, "verify", "--weights", str(tmp_path / "missing.safetensors"))
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("command", ["verify", "bounds"])
+@pytest.mark.parametrize("flags,names", [
+    (["--dilation", "0"], "--dilation"),
+    (["--dilation", "-1"], "--dilation"),
+    (["--stride", "0"], "--stride"),
+    (["--stride", "-2"], "--stride"),
+    (["--patch-size", "0"], "--patch-size"),
+    (["--patch-size", "-4"], "--patch-size"),
+    (["--kernel-size", "0"], "--kernel-size"),
+    (["--kernel-size", "-1"], "--kernel-size"),
+    (["--kernel-size", "3", "0"], "--kernel-size"),
+    (["--kernel-size", "1", "2", "3"], "--kernel-size"),
+    (["--groups", "0"], "--groups"),
+    (["--groups", "2"], "--groups"),
+    (["--in-chans", "0"], "--in-chans"),
+    (["--out-chans", "-3"], "--out-chans"),
+])
+def test_bad_conv_flags_give_one_line_and_exit_2(capsys, command, flags, names):
+    code, out, err = run(capsys, command, "--patch-size", "4", *(["--image-size", "16"] * (command == "verify")),
+                         *flags)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,names", [
+    (["--image-size", "0"], "--image-size"),
+    (["--image-size", "-16"], "--image-size"),
+    (["--image-size", "16", "0"], "--image-size"),
+    (["--image-size", "16", "16", "16"], "--image-size"),
+    (["--image-size", "18"], "--patch-size"),
+    (["--image-size", "16", "18"], "--patch-size"),
+    (["--bias-strength", "-1"], "--bias-strength"),
+    (["--bias-strength", "nan"], "--bias-strength"),
+    (["--bias-strength", "inf"], "--bias-strength"),
+])
+def test_bad_verify_flags_give_one_line_and_exit_2(capsys, flags, names):
+    code, out, err = run(capsys, "verify", "--patch-size", "4", "--image-size", "16", *flags)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and names in err
+
+
+def test_bad_flags_in_a_subprocess_print_no_traceback():
+    out = subprocess.run([sys.executable, "-m", "cmhsa", "verify", "--dilation", "0"], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr == "error: --dilation must be >= 1, got 0\n"
 
 
 def test_console_entry_point_help():

@@ -213,7 +213,7 @@ def test_conversion_leaves_the_conv_untouched_and_is_trainable():
     (nn.Conv2d(2, 2, 3, stride=3, padding=1), 4, "does not divide patch size"),
     (nn.Conv2d(2, 2, (2, 3), stride=(1, 2), padding=(0, 1)), 4, "asymmetric padding"),
     (nn.Conv1d(2, 2, 3, padding=1), 4, "expected an nn.Conv2d"),
-    (nn.Conv2d(2, 2, 3, padding=1), 0, "patch_size must be positive"),
+    (nn.Conv2d(2, 2, 3, padding=1), 0, "patch_size must be an int or a pair of ints with each >= 1"),
 ])
 def test_unsupported_convolutions_raise(conv, P, match):
     with pytest.raises(ValueError, match=match):
@@ -224,7 +224,7 @@ def test_unsupported_convolutions_raise(conv, P, match):
 
 
 def test_verify_rejects_image_not_divisible():
-    with pytest.raises(ValueError, match="not divisible by patch size"):
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
         verify(nn.Conv2d(1, 1, 3, padding=1), 4, 30)
 
 

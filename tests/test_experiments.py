@@ -6,7 +6,6 @@ import pytest
 import yaml
 
 from cmhsa.cli import main
-from cmhsa.config import train_config
 from cmhsa.experiments import cell_configs, load_experiment, read_cells, run_experiment
 from cmhsa.report import _short_title, write_report
 
@@ -21,11 +20,9 @@ def test_shipped_grids_expand_to_valid_runs(grid):
         entries = cell_configs(spec, budget, spec["seeds"])
         assert len(entries) == len(spec["cells"]) * len(spec["seeds"])
         for e in entries:
-            for phase in ("phase1", "phase2"):
-                train_config(e["config"], phase, 10)  # raises on a misspelt setting
-            assert e["config"]["train"]["seed"] == e["seed"]
+            assert e["config"].train.seed == e["seed"]
     if grid == "efficiency":
-        sizes = {e["config"]["data"]["train_subset"] for e in cell_configs(spec, "full", [0])}
+        sizes = {e["config"].data.train_subset for e in cell_configs(spec, "full", [0])}
         assert len(sizes) >= 4 and min(sizes) <= 1000
 
 
@@ -228,14 +225,14 @@ def test_grid_sizes_and_step_budget(tmp_path):
     entries = {e["cell"]: e["config"] for e in cell_configs(load_experiment(path), "full", [0])}
     assert sorted(entries) == ["conv_n100", "conv_n400", "fixed", "two_phase_n100", "two_phase_n400"]
     small, large = entries["conv_n100"], entries["conv_n400"]
-    assert (small["data"]["train_subset"], small["train"]["batch_size"]) == (100, 10)
-    assert (large["data"]["train_subset"], large["train"]["batch_size"]) == (400, 20)
+    assert (small.data.train_subset, small.train.batch_size) == (100, 10)
+    assert (large.data.train_subset, large.train.batch_size) == (400, 20)
     # 50 steps: 10 per epoch -> 5 epochs; 20 per epoch -> ceil(2.5) = 3; warm-up 10 steps -> 1 epoch each
-    assert (small["phase1"]["epochs"], large["phase1"]["epochs"]) == (5, 3)
-    assert small["phase1"]["warmup_epochs"] == large["phase1"]["warmup_epochs"] == 1
-    assert (entries["two_phase_n100"]["phase2"]["epochs"], entries["two_phase_n400"]["phase2"]["epochs"]) == (3, 2)
+    assert (small.phase1.epochs, large.phase1.epochs) == (5, 3)
+    assert small.phase1.warmup_epochs == large.phase1.warmup_epochs == 1
+    assert (entries["two_phase_n100"].phase2.epochs, entries["two_phase_n400"].phase2.epochs) == (3, 2)
     # a cell with its own train_size keeps it, and the grid's batch 64: 4 steps per epoch -> ceil(12.5) = 13
-    assert entries["fixed"]["data"]["train_subset"] == 300 and entries["fixed"]["phase1"]["epochs"] == 13
+    assert entries["fixed"].data.train_subset == 300 and entries["fixed"].phase1.epochs == 13
 
     spec["sizes"] = {100: 200}
     path.write_text(yaml.safe_dump(spec))

@@ -7,10 +7,11 @@ import torch
 
 from cifar_fixture import make_cifar100
 from cmhsa.cli import main
-from cmhsa.config import apply_overrides, load_config, train_config
+from cmhsa.config import apply_overrides, load_config
 from cmhsa.forms import convert_form
 from cmhsa.pipeline import build_loaders, load_model, run_pipeline
 from cmhsa.plots import read_metrics
+from cmhsa.provenance import git_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -72,9 +73,9 @@ def test_eval_and_convert_commands(run, capsys, tmp_path):
     assert main(["convert", str(out / "phase1"), "--out", str(tmp_path / "conv")]) == 0
     capsys.readouterr()
     conv = json.loads((tmp_path / "conv/convert.json").read_text())
-    assert conv["logits_error"] <= 1e-8
+    assert conv["logits_error"] <= 1e-8 and conv["git"] == git_state()
     model, spec, _ = load_model(tmp_path / "conv")
-    assert spec["name"] == "cmhsa3_attn_tiny" and model.config["mixer"] == "attn"
+    assert spec["class"] == "CMHSA" and spec["kwargs"] == model.config and model.config["mixer"] == "attn"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_factorized_pipeline_converts_exactly_and_evaluates_from_its_checkpoint(
     assert t["form"] == "factorized" and t["float64"]["logits_error"] <= 1e-8
     assert t["float32"]["logits_relative_error"] <= 1e-4
     model, spec, _ = load_model(out / "phase2")
-    assert spec["name"] == "cmhsa3_fattn_tiny" and model.blocks[0].mixer.qk_dim == 4
+    assert spec["kwargs"]["form"] == "factorized" and model.blocks[0].mixer.qk_dim == 4
     assert summary["phase2"]["params"] < 0.6 * run[2]["phase2"]["params"]  # vs the paper form of the same model
     assert main(["eval", str(out / "phase2"), "--device", "cpu", "--precision", "fp32"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["phase2"]["val_top1"], abs=1e-6)
@@ -127,10 +128,8 @@ def test_train_command_for_a_timm_baseline(tmp_path, capsys):
 
 def test_config_overrides_and_errors(tmp_path):
     c = apply_overrides(load_config(CONFIGS / "fmnist_tiny.yaml"), ["phase1.epochs=3", "data.train_subset=0.5"])
-    assert c["phase1"]["epochs"] == 3 and c["data"]["train_subset"] == 0.5
-    assert train_config(c, "phase1", 10).epochs == 3 and train_config(c, "phase2", 10).warmup_epochs == 0
-    with pytest.raises(ValueError, match="unknown training settings"):
-        train_config(apply_overrides(c, ["phase1.epoch=3"]), "phase1", 10)
+    assert c.phase1.epochs == 3 and c.data.train_subset == 0.5
+    assert c.phase_config("phase1", 10).epochs == 3 and c.phase_config("phase2", 10).warmup_epochs == 0
     with pytest.raises(ValueError, match="section.key=value"):
         apply_overrides(c, ["phase1.epochs"])
     with pytest.raises(FileNotFoundError, match="configs/"):
@@ -166,7 +165,22 @@ def test_paper_cifar100_config_runs_one_step(tmp_path, kernel):
 def test_every_preset_is_valid(preset):
     config = load_config(CONFIGS / preset)
     for phase in ("phase1", "phase2"):
-        cfg = train_config(config, phase, 10)
+        cfg = config.phase_config(phase, 10)
         assert cfg.epochs >= 1 and cfg.lr > 0
-    assert config["model"]["name"].startswith("cmhsa") and "_conv_" in config["model"]["name"]
-    assert config["data"]["augment"] in ("light", "deit", "none")
+    assert config.model.name.startswith("cmhsa") and "_conv_" in config.model.name
+
+
+def test_resume_refuses_a_changed_config_and_changes_nothing(run, capsys):
+    """The run directory holds another run's results: resuming it with other data/convert settings must refuse,
+    name what differs and the ways out, and leave config.yaml, summary.md and the weights as they are."""
+    out, _, _ = run
+    files = ("config.yaml", "summary.md", "summary.json", "convert.json", "phase2/last/model.safetensors",
+             "phase2/metrics.jsonl")
+    before = {f: (out / f).read_bytes() for f in files}
+    code = main(["pipeline", "--output", str(out), "--set", *TINY, "name=tiny", "convert.bias_strength=10",
+                 "data.train_subset=300"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "convert.bias_strength: 60.0 -> 10.0" in err and "data.train_subset: None -> 300" in err
+    assert "--no-resume" in err and "--output" in err
+    assert {f: (out / f).read_bytes() for f in files} == before

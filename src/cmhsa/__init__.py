@@ -7,6 +7,7 @@ from .convert import DEFAULT_BIAS_STRENGTH, VerifyReport, conv_to_mhsa, required
 from .bounds import best_fit_error, best_fit_errors, head_lower_bound
 from .models import CMHSA, convert_model, transfer_error, with_img_size
 from .forms import convert_form
+from .network import ConvAsAttention, convert_network
 
 __version__ = "0.1.0"
 from . import baselines  # registers vit_mimetic with timm

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from .checks import check_bool, check_int, check_real
 from .tokens import IntOrPair, grid_offsets, to_pair
 
 __all__ = ["RelPosAttention", "RelPosMHSA", "FactorizedRelPosMHSA", "default_qk_dim", "init_paper_heads"]
@@ -27,16 +28,27 @@ def default_qk_dim(dim: int, num_heads: int) -> int:
     return max(dim // num_heads, 1)
 
 
+def check_layer_args(dim: int, num_heads: int, out_dim: Optional[int], qkv_bias: bool, attn_drop: float,
+                     proj_drop: float) -> None:
+    """The constructor arguments every attention form shares: a ``ValueError`` naming any that is out of range."""
+    check_int(dim, "dim")
+    check_int(num_heads, "num_heads")
+    if out_dim is not None:
+        check_int(out_dim, "out_dim")
+    check_bool(qkv_bias, "qkv_bias")
+    check_real(attn_drop, "attn_drop", minimum=0, below=1)
+    check_real(proj_drop, "proj_drop", minimum=0, below=1)
+
+
 def init_paper_heads(layer: nn.Module, dim: int, num_heads: int, head_dim: int, out_dim: Optional[int],
                      qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
     """Give ``layer`` the paper's heads: ``qkv`` (``dim -> 3 * num_heads * head_dim``), ``proj``
     (``num_heads * head_dim -> out_dim``) and their sizes; shared by the global and the local paper-form layers, so
     Theorem 1's weights fit both."""
-    if min(dim, num_heads, head_dim) < 1:
-        raise ValueError(f"dim, num_heads and head_dim must be positive, got {dim}, {num_heads}, {head_dim}")
+    check_layer_args(dim, num_heads, out_dim, qkv_bias, attn_drop, proj_drop)
     layer.dim = dim
     layer.num_heads = num_heads
-    layer.head_dim = layer.qk_dim = head_dim
+    layer.head_dim = layer.qk_dim = check_int(head_dim, "head_dim")
     layer.out_dim = out_dim or dim
     layer.scale = head_dim ** -0.5
     layer.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
@@ -66,8 +78,9 @@ class RelPosAttention(nn.Module):
     scale: float
 
     def _init_position_bias(self, grid_size: IntOrPair, null_key: bool, circular: bool) -> None:
-        self.grid_size = to_pair(grid_size, "grid_size")
-        self.circular = circular
+        self.grid_size = to_pair(grid_size, "grid_size", minimum=1)
+        self.circular = check_bool(circular, "circular")
+        check_bool(null_key, "null_key")
         gh, gw = self.grid_size
         table = gh * gw if circular else (2 * gh - 1) * (2 * gw - 1)
         self.rel_pos_bias = nn.Parameter(torch.zeros(self.num_heads, table))
@@ -237,9 +250,8 @@ class FactorizedRelPosMHSA(RelPosAttention):
             proj_drop: float = 0.0,
     ):
         super().__init__()
-        qk_dim = qk_dim or default_qk_dim(dim, num_heads)
-        if min(dim, num_heads, qk_dim) < 1:
-            raise ValueError(f"dim, num_heads and qk_dim must be positive, got {dim}, {num_heads}, {qk_dim}")
+        check_layer_args(dim, num_heads, out_dim, qkv_bias, attn_drop, proj_drop)
+        qk_dim = default_qk_dim(dim, num_heads) if qk_dim is None else check_int(qk_dim, "qk_dim")
         self.dim = dim
         self.num_heads = num_heads
         self.qk_dim = qk_dim

@@ -12,6 +12,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
+from .checks import check_int, check_real
 from .convert import conv_blocks, same_padding_geometry
 from .tokens import IntOrPair
 
@@ -37,6 +38,7 @@ def head_lower_bound(weight: torch.Tensor, patch_size: IntOrPair, dilation: IntO
     Generic kernels give ``(2r+1)^2`` (9 when the kernel fits the patch neighbourhood) on patch input and
     ``K^2`` on pixel input (``patch_size=1``) when ``C_in * C_out >= K^2``; a 1x1 kernel gives 1.
     """
+    check_real(rtol, "rtol", minimum=0, below=1)
     sv = block_singular_values(weight, patch_size, dilation, stride, groups)
     if sv.numel() == 0 or sv[0] == 0:
         return 0
@@ -58,7 +60,6 @@ def best_fit_errors(weight: torch.Tensor, patch_size: IntOrPair, dilation: IntOr
 def best_fit_error(weight: torch.Tensor, patch_size: IntOrPair, num_heads: int, dilation: IntOrPair = 1,
                    stride: IntOrPair = 1, groups: int = 1) -> float:
     """Relative residual of the best fit of the kernel's blocks by ``num_heads`` positional heads (Eckart-Young)."""
-    if num_heads < 0:
-        raise ValueError(f"num_heads must be >= 0, got {num_heads}")
+    check_int(num_heads, "num_heads", minimum=0)
     errors = best_fit_errors(weight, patch_size, dilation, stride, groups)
     return errors[min(num_heads, len(errors) - 1)]

@@ -10,7 +10,9 @@ A checkpoint is a directory::
 Weights are safetensors; ``state.pt`` holds only tensors and plain Python containers/scalars so it loads with
 ``torch.load(..., weights_only=True)``. The directory is replaced atomically: the new checkpoint is written
 and fsynced in a sibling staging directory, then swapped in with ``os.replace``. A crash at any point leaves
-either the old or the new checkpoint readable, never a mix of the two.
+either the old or the new checkpoint readable, never a mix of the two. With ``keep_previous`` the replaced
+checkpoint stays beside the new one (``.<name>.previous``), so a checkpoint damaged later (a full disk, a bad copy)
+can fall back to the epoch before it. A file that cannot be read raises :class:`CheckpointCorrupt` naming it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -27,7 +29,10 @@ from safetensors.torch import load_file, save_file
 from timm.utils import unwrap_model
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "has_checkpoint", "read_checkpoint_info"]
+from .atomic import fsync_dir
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "has_checkpoint", "read_checkpoint_info",
+           "CheckpointCorrupt"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -48,15 +53,13 @@ def _previous_dir(path_dir: Path) -> Path:
     return path_dir.parent / f".{path_dir.name}.previous"
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes renames/creations inside ``path`` durable; directories cannot be opened on Windows.
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointCorrupt(ValueError):
+    """A checkpoint file exists but cannot be read (truncated, empty, not a checkpoint)."""
+
+
+def _corrupt(path: Path, error: Exception) -> CheckpointCorrupt:
+    return CheckpointCorrupt(f"checkpoint file {path} is corrupt or incomplete ({type(error).__name__}); "
+                             f"delete it, or start the run over with --no-resume (resume=False)")
 
 
 def _fsync_file(path: Path) -> None:
@@ -152,6 +155,7 @@ def save_checkpoint(
     epoch: int,
     extra: Optional[Dict[str, Any]] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
+    keep_previous: bool = False,
 ) -> Path:
     """Atomically write (or replace) the checkpoint directory ``path_dir``; returns it.
 
@@ -164,6 +168,7 @@ def save_checkpoint(
         epoch: last completed epoch (0-based).
         extra: metrics/config to store; plain containers, numbers, strings and tensors only, since
             ``state.pt`` is read back with ``weights_only=True``.
+        keep_previous: keep the checkpoint being replaced as ``.<name>.previous`` (resume falls back to it).
     """
     path_dir = Path(path_dir)
     if path_dir.is_dir():
@@ -195,7 +200,7 @@ def save_checkpoint(
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(staging)
+    fsync_dir(staging)
 
     # os.replace cannot overwrite a non-empty directory, so the old one is moved aside first;
     # _resolve_dir falls back to it if we crash between the two renames.
@@ -203,13 +208,19 @@ def save_checkpoint(
         shutil.rmtree(previous, ignore_errors=True)
         os.replace(path_dir, previous)
     os.replace(staging, path_dir)
-    _fsync_dir(path_dir.parent)
-    shutil.rmtree(previous, ignore_errors=True)
+    fsync_dir(path_dir.parent)
+    if not keep_previous:
+        shutil.rmtree(previous, ignore_errors=True)
     return path_dir
 
 
 def _read_state(path_dir: Path) -> Dict[str, Any]:
-    state = torch.load(path_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path_dir / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty or foreign bytes: torch raises a variety of errors
+        raise _corrupt(path_dir / STATE_FILE, e) from e
+    if not isinstance(state, dict):
+        raise _corrupt(path_dir / STATE_FILE, TypeError(f"holds a {type(state).__name__}"))
     if state.get("format_version") != _FORMAT_VERSION:
         raise ValueError(
             f"{path_dir / STATE_FILE} has format version {state.get('format_version')!r}, "
@@ -233,26 +244,52 @@ def load_checkpoint(
     strict: bool = True,
     *,
     scaler: Optional[torch.amp.GradScaler] = None,
+    check: Optional[Callable[[Dict[str, Any]], None]] = None,
+    fallback: bool = False,
 ) -> Dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`, including the global RNG states.
 
     Each object passed in is restored in place; pass ``None`` to skip it. ``strict`` applies to the weights
     (as in ``load_state_dict``) and to a missing EMA file (``strict=False`` then starts the EMA from the
-    loaded model weights).
+    loaded model weights). ``check(extra)`` runs before anything is restored and may raise to refuse the
+    checkpoint. With ``fallback``, a corrupt checkpoint gives way to the one kept before it (``keep_previous``),
+    with a warning that says so.
 
     Returns:
         ``{"epoch": last completed epoch, "extra": the dict given at save time}``.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path_dir``.
+        CheckpointCorrupt: a checkpoint file cannot be read (and no fallback could be read either).
         ValueError: the checkpoint lacks state for an object that was passed in.
     """
-    path_dir = _resolve_dir(Path(path_dir))
+    path_dir = Path(path_dir)
+    first = _resolve_dir(path_dir)
+    try:
+        return _restore(first, model, optimizer, scheduler, ema, strict, scaler, check)
+    except CheckpointCorrupt as e:
+        previous = _previous_dir(path_dir)
+        if not fallback or first == previous or not (previous / STATE_FILE).is_file():
+            raise
+        warnings.warn(f"{e}; resuming from the checkpoint before it, {previous}")
+        try:
+            return _restore(previous, model, optimizer, scheduler, ema, strict, scaler, check)
+        except CheckpointCorrupt as e2:
+            raise CheckpointCorrupt(f"{e}; the previous checkpoint is unreadable too: {e2}") from e2
+
+
+def _restore(path_dir: Path, model, optimizer, scheduler, ema, strict: bool, scaler,
+             check: Optional[Callable[[Dict[str, Any]], None]]) -> Dict[str, Any]:
     state = _read_state(path_dir)
-    load_weights(path_dir / MODEL_FILE, model, strict=strict)
+    if check is not None:
+        check(state["extra"])
+    # every file is read before anything is restored, so a corrupt one leaves the objects untouched
+    weights = _read_weights(path_dir / MODEL_FILE)
+    ema_weights = _read_weights(path_dir / EMA_FILE) if ema is not None and (path_dir / EMA_FILE).is_file() else None
+    unwrap_model(model).load_state_dict(weights, strict=strict)
     if ema is not None:
-        if (path_dir / EMA_FILE).is_file():
-            load_weights(path_dir / EMA_FILE, ema, strict=strict)
+        if ema_weights is not None:
+            unwrap_model(ema).load_state_dict(ema_weights, strict=strict)
         elif strict:
             raise ValueError(f"{path_dir} has no {EMA_FILE}; pass ema=None, or strict=False to start the EMA fresh")
         else:
@@ -266,6 +303,13 @@ def load_checkpoint(
         obj.load_state_dict(state[name])
     _set_rng_state(state["rng"])
     return {"epoch": state["epoch"], "extra": state["extra"]}
+
+
+def _read_weights(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        return _strip_wrapper_prefixes(load_file(path))
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise _corrupt(path, e) from e
 
 
 def load_weights(path: PathLike, model: nn.Module, strict: bool = True):
@@ -287,5 +331,4 @@ def load_weights(path: PathLike, model: nn.Module, strict: bool = True):
         raise FileNotFoundError(
             f"no weights file at {path}; pass a .safetensors file or a directory holding {MODEL_FILE}"
         )
-    state_dict = _strip_wrapper_prefixes(load_file(path))
-    return unwrap_model(model).load_state_dict(state_dict, strict=strict)
+    return unwrap_model(model).load_state_dict(_read_weights(path), strict=strict)

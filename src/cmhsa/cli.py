@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -43,11 +44,21 @@ def _add_form_args(p: argparse.ArgumentParser) -> None:
                         "paper's heads over the kernel's window of offsets; runs at any image size) (default: paper)")
     p.add_argument("--qk-dim", type=int, default=None,
                    help="Q/K head size of the factorized form (default: token width // heads)")
+def _check_conv_args(args: argparse.Namespace) -> None:
+    """Flag-level checks, so that a bad value is named by its flag instead of failing deep inside torch."""
+    if len(args.kernel_size) > 2 or min(args.kernel_size) < 1:
+        raise ValueError(f"--kernel-size takes K or KH KW, each >= 1, got {' '.join(map(str, args.kernel_size))}")
+    for flag in ("in_chans", "out_chans", "dilation", "stride", "groups", "patch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.weights is None and (args.in_chans % args.groups or args.out_chans % args.groups):
+        raise ValueError(f"--groups {args.groups} must divide --in-chans {args.in_chans} and "
+                         f"--out-chans {args.out_chans}")
 
 
 def _load_tensors(path: Path) -> dict:
     if not path.exists():
-        raise SystemExit(f"error: --weights file {path} does not exist")
+        raise ValueError(f"--weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(path))
@@ -56,27 +67,27 @@ def _load_tensors(path: Path) -> dict:
 
 
 def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
+    _check_conv_args(args)
     torch.manual_seed(args.seed)
     if args.weights is None:
         k = args.kernel_size
         kernel = (k[0], k[0]) if len(k) == 1 else (k[0], k[1])
         padding = "same" if args.stride == 1 else tuple(args.dilation * (s - 1) // 2 for s in kernel)
-        try:
-            return nn.Conv2d(args.in_chans, args.out_chans, kernel, stride=args.stride, padding=padding,
-                             dilation=args.dilation, groups=args.groups, bias=not args.no_bias)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+        return nn.Conv2d(args.in_chans, args.out_chans, kernel, stride=args.stride, padding=padding,
+                         dilation=args.dilation, groups=args.groups, bias=not args.no_bias)
     tensors = _load_tensors(args.weights)
     kernels = {k: v for k, v in tensors.items() if v.ndim == 4}
     if args.key is None and len(kernels) != 1:
-        raise SystemExit(f"error: {args.weights} holds {len(kernels)} 4-d tensors; pick one with --key "
+        raise ValueError(f"{args.weights} holds {len(kernels)} 4-d tensors; pick one with --key "
                          f"(candidates: {', '.join(sorted(kernels)) or 'none'})")
     key = args.key or next(iter(kernels))
     if key not in kernels:
-        raise SystemExit(f"error: no 4-d tensor {key!r} in {args.weights}; candidates: {', '.join(sorted(kernels))}")
+        raise ValueError(f"no 4-d tensor {key!r} in {args.weights}; candidates: {', '.join(sorted(kernels))}")
     weight = kernels[key].double()
     bias = tensors.get(key.rsplit(".", 1)[0] + ".bias" if "." in key else "bias")
     c_out, c_in_group, kh, kw = weight.shape
+    if c_out % args.groups:
+        raise ValueError(f"--groups {args.groups} must divide the kernel's C_out {c_out} ({key} in {args.weights})")
     padding = "same" if args.stride == 1 else (args.dilation * (kh - 1) // 2, args.dilation * (kw - 1) // 2)
     conv = nn.Conv2d(c_in_group * args.groups, c_out, (kh, kw), stride=args.stride, padding=padding,
                      dilation=args.dilation, groups=args.groups, bias=bias is not None, dtype=torch.float64)
@@ -90,9 +101,17 @@ def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .convert import verify
 
-    conv = _build_conv(args)
+    conv = _build_conv(args)  # checks the convolution's flags first
+    if len(args.image_size) > 2 or min(args.image_size) < 1:
+        raise ValueError(f"--image-size takes S or H W, each >= 1, got {' '.join(map(str, args.image_size))}")
+    if any(s % args.patch_size for s in args.image_size):
+        raise ValueError(f"--image-size {' '.join(map(str, args.image_size))} is not divisible by --patch-size "
+                         f"{args.patch_size}; use a multiple of the patch size")
+    if not math.isfinite(args.bias_strength) or args.bias_strength < 0:
+        raise ValueError(f"--bias-strength must be a finite number >= 0, got {args.bias_strength}")
+    image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     print(f"conv: {conv}")
-    report = verify(conv, args.patch_size, args.image_size, dtype=DTYPES[args.dtype], null_key=not args.no_null_key,
+    report = verify(conv, args.patch_size, image_size, dtype=DTYPES[args.dtype], null_key=not args.no_null_key,
                     bias_strength=args.bias_strength, seed=args.seed, form=args.form, qk_dim=args.qk_dim)
     print(report)
     return 0
@@ -114,92 +133,170 @@ def cmd_bounds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run_config(args: argparse.Namespace) -> dict:
+def _load_run_config(args: argparse.Namespace):
     from .config import load_config
 
-    overrides = list(args.set or [])
-    for flag, key in (("output", "output"), ("device", "train.device"), ("precision", "train.precision")):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, args.set or [])
+    flags = {"output": args.output, "train.device": args.device, "train.precision": args.precision}
+    return config.set({key: value for key, value in flags.items() if value is not None})
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
+    from .engine import distributed_session
     from .pipeline import run_pipeline
 
-    run_pipeline(_load_run_config(args), resume=not args.no_resume)
+    config = _load_run_config(args)
+    with distributed_session():
+        run_pipeline(config, resume=not args.no_resume)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine import init_distributed
-    from .config import save_config, train_config
-    from .pipeline import create_model, model_spec, run_dir, train_phase
+    from .engine import distributed_session
+    from .pipeline import create_model, model_spec, open_run, spec_label, train_phase
 
     config = _load_run_config(args)
-    init_distributed()
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "config.yaml")
-    spec = model_spec(config)
-    seed = train_config(config, args.phase, spec["kwargs"]["num_classes"]).seed
-    final = train_phase(create_model(spec, seed), spec, config, args.phase, out / "train",
-                        resume=not args.no_resume)
-    print(f"{spec['name']}: val top-1 {final['val_top1']:.2f}, top-5 {final['val_top5']:.2f}, "
-          f"loss {final['val_loss']:.4f}; checkpoints in {out / 'train'}")
+    with distributed_session():
+        spec = model_spec(config)
+        model = create_model(spec, config.phase_config(args.phase).seed)
+        with open_run(config, resume=not args.no_resume) as run:
+            final = train_phase(model, spec, config, args.phase, run.phase("train"), resume=not args.no_resume)
+    print(f"{spec_label(spec)}: val top-1 {final['val_top1']:.2f}, top-5 {final['val_top5']:.2f}, "
+          f"loss {final['val_loss']:.4f}; checkpoints in {run.phase('train').root}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .config import load_config
-    from .engine import TrainConfig, evaluate, resolve_device, resolve_precision
-    from .pipeline import build_loaders, load_model, run_config_path
+    from .config import TrainConfig, load_config
+    from .engine import evaluate, resolve_device, resolve_precision
+    from .pipeline import build_loaders, load_model, run_config_path, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
-    run_config = run_config_path(ckpt)
-    overrides = list(args.set or [])
-    for flag, key in (("dataset", "data.dataset"), ("data_dir", "data.data_dir")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    config = load_config(run_config, overrides + ["data.val_subset=null"] if args.full_val else overrides)
+    config = load_config(run_config_path(ckpt), args.set or [])
+    flags = {"data.dataset": args.dataset, "data.data_dir": args.data_dir}
+    config = config.set({key: value for key, value in flags.items() if value is not None})
+    if args.full_val:
+        config = config.set({"data.val_subset": None})
     cfg = TrainConfig(device=args.device or "auto", precision=args.precision or "auto",
                       num_classes=spec["kwargs"]["num_classes"])
     _, val_loader, _ = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
     device = resolve_device(cfg)
     metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)
-    print(json.dumps({"checkpoint": str(ckpt), "model": spec["name"], "dataset": config["data"]["dataset"],
+    print(json.dumps({"checkpoint": str(ckpt), "model": spec_label(spec), "dataset": config.data.dataset,
                       "images": len(val_loader.dataset), **metrics}, indent=2))
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    import json
-
+def _write_converted(out: Path, model: nn.Module, spec: dict, record: dict) -> "PhaseDir":
+    """Write a converted model as `cmhsa eval` loads it: ``model.safetensors`` (float32) and ``model.json`` (its
+    spec), with ``record`` and the code's git state in ``convert.json``."""
     from safetensors.torch import save_file
 
+    from .atomic import atomic_path, atomic_write_json
+    from .provenance import git_state
+    from .rundir import PhaseDir
+
+    phase = PhaseDir(out)
+    phase.root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(phase.root / "model.safetensors") as tmp:
+        save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    phase.write_spec(spec)
+    atomic_write_json(phase.root / "convert.json", {**record, "git": git_state()})
+    return phase
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
     from .models import CMHSA, convert_model, transfer_error
-    from .pipeline import MODEL_SPEC_FILE, converted_spec, load_model
+    from .pipeline import converted_spec, load_model, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
-        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec['name']})")
+        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec_label(spec)})")
     model = model.double().eval()
     attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key, form=args.form,
                          qk_dim=args.qk_dim)
     x = torch.randn(8, model.config["in_chans"], *model.patch_embed.img_size, dtype=torch.float64)
     report = transfer_error(model, attn, x)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in attn.state_dict().items()}, str(out / "model.safetensors"))
-    (out / MODEL_SPEC_FILE).write_text(json.dumps(converted_spec(attn), indent=2))
-    (out / "convert.json").write_text(json.dumps({"source": str(ckpt), **report}, indent=2))
-    print(f"converted {ckpt} -> {out / 'model.safetensors'} ({attn.num_heads} heads per layer)")
+    out = _write_converted(args.out, attn, converted_spec(attn), {"source": str(ckpt), **report})
+    print(f"converted {ckpt} -> {out.root / 'model.safetensors'} ({attn.num_heads} heads per layer)")
     print(f"float64 check on random input: per-layer max error "
           f"{', '.join(f'{e:.1e}' for e in report['layer_errors'])}; logits error {report['logits_error']:.2e}")
     return 0
+
+
+def cmd_convert_net(args: argparse.Namespace) -> int:
+    """`cmhsa convert-net`: a timm CNN -> its exact attention twin (model.safetensors, model.json, convert.json)."""
+    import json
+
+    from .checkpoint import load_weights
+    from .network import convert_network, format_table
+    from .pipeline import create_model
+
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
+    cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
+    if args.checkpoint is not None:
+        load_weights(args.checkpoint, cnn)
+    if args.patch_size != "auto" and not args.patch_size.isdigit():
+        raise ValueError(f"--patch-size must be 'auto' or a positive int, got {args.patch_size!r}")
+    patch_size = "auto" if args.patch_size == "auto" else int(args.patch_size)
+    img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
+    cnn = cnn.double().eval()
+    settings = dict(form=args.form, bias_strength=args.bias_strength, qk_std=args.qk_std)
+    twin, table = convert_network(cnn, patch_size, args.layers, strict=args.strict, img_size=img_size, **settings)
+    print(format_table(table))
+    in_chans = next(m for m in cnn.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.randn(4, in_chans, *((img_size,) * 2 if isinstance(img_size, int) else img_size),
+                    generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    with torch.no_grad():
+        ref = cnn(x)
+        error = ((twin(x) - ref).abs().max() / ref.abs().max()).item()
+    print(f"float64 logits error on random input: {error:.2e} (max |twin - cnn| / max |cnn|)")
+    # the exact per-layer settings, so `attention_twin` rebuilds this structure whatever 'auto' picks later
+    converted = {r["name"]: r["P"] for r in table if r["converted"]}
+    spec = {"name": "attention_twin", "kwargs": {
+        "cnn": args.model, "cnn_kwargs": kwargs, "num_classes": cnn.num_classes, "in_chans": in_chans,
+        "img_size": img_size, "patch_size": converted, "layers": list(converted), **settings}}
+    out = _write_converted(args.out, twin, spec, {"source": str(args.checkpoint) if args.checkpoint else None,
+                                                  "logits_error_float64": error, "layers": table})
+    print(f"wrote {out.root / 'model.safetensors'} and {out.spec_path} ({len(converted)} layers as attention)")
+    return 0
+
+
+def _add_convert_net_parser(sub) -> None:
+    from .convert import DEFAULT_BIAS_STRENGTH
+
+    p = sub.add_parser("convert-net", help="any timm CNN -> its exact attention twin, with the per-layer table",
+                       description="Replace the selected convolutions of a timm CNN (random, or --checkpoint) by "
+                                   "exactly equivalent attention layers; prints the per-layer table and the float64 "
+                                   "logits error, writes model.safetensors, model.json and convert.json. "
+                                   "`cmhsa eval DIR` loads the result; a config with model.name=attention_twin and "
+                                   "these kwargs plus checkpoint_path trains it with `cmhsa train`.")
+    p.add_argument("--model", required=True, help="timm model name, e.g. resnet18")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="CNN weights: a .safetensors file or a checkpoint dir holding model.safetensors")
+    p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for timm.create_model, e.g. "
+                                                        "'{\"in_chans\": 1, \"num_classes\": 10}'")
+    p.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
+                   help="fnmatch patterns on module names, e.g. 'layer4.*' (default: every Conv2d)")
+    p.add_argument("--patch-size", default="auto", help="'auto' (cheaper per layer) or an int P (default: auto)")
+    p.add_argument("--img-size", type=int, nargs="+", required=True, metavar="S",
+                   help="input size S or H W the twin is built for")
+    p.add_argument("--form", default="paper", help="attention layer form of conv_to_mhsa (default: paper)")
+    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
+    p.add_argument("--qk-std", type=float, default=0.0,
+                   help="> 0 starts W_Q, W_K small and random so fine-tuning can learn content attention")
+    p.add_argument("--strict", action="store_true", help="fail on the first selected layer that cannot convert")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random CNN weights and check input")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=cmd_convert_net)
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -226,13 +323,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="YAML preset (see configs/); without it the built-in defaults are used")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
-                   help="override config values, e.g. --set phase1.epochs=3 data.train_subset=1000 (YAML values)")
+                   help="override config values, e.g. --set phase1.epochs=3 data.train_subset=1000 (YAML values, "
+                        "checked against the config's keys and types)")
     p.add_argument("--output", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None,
                    help="auto = bf16 autocast on CPUs with AMX/AVX512-BF16, AMP on CUDA (default: auto)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start again even if the run directory holds checkpoints (default: resume)")
+                   help="start again, clearing what the run directory holds (default: resume; resuming refuses a "
+                        "directory whose config.yaml differs from this config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid configs whose header comments describe the setup")
     p.set_defaults(func=cmd_report)
 
+    _add_convert_net_parser(sub)
+
     from .analysis import add_analyze_parser
 
     add_analyze_parser(sub)
@@ -338,12 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .rundir import RunDirLocked
+
     args = build_parser().parse_args(argv)
-    if hasattr(args, "image_size"):
-        args.image_size = tuple(args.image_size) if len(args.image_size) == 2 else args.image_size[0]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,109 +1,390 @@
-"""Run configuration: YAML presets, dotted command-line overrides, and the merged per-phase training settings.
+"""The typed run configuration: defaults <- a YAML preset <- ``--set section.key=value`` overrides, validated once.
 
-A config has sections ``data``, ``model``, ``convert``, ``train`` (shared training settings), ``phase1`` and
-``phase2`` (per-phase training settings, layered over ``train``), and ``output``. See ``configs/*.yaml``.
+A :class:`RunConfig` has sections ``data``, ``model``, ``convert``, ``train`` (training settings shared by both
+phases), ``phase1`` and ``phase2`` (per-phase training settings: a field left unset there takes ``train``'s), plus
+``name`` and ``output``. See ``configs/*.yaml``.
+
+Validation happens when a config is built (:meth:`RunConfig.from_dict`): an unknown key at any level is an error with
+a did-you-mean, every value is coerced to its field's type (``"1e-3"`` -> ``0.001``, ``"3"`` -> ``3``) or rejected
+with the key and the type expected, and ranges are checked. ``model.kwargs`` and ``convert.kwargs`` are free-form
+(arguments of the timm model); the model name is checked when the model is created.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
+import functools
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import yaml
 
+from .atomic import atomic_write_text
 from .convert import DEFAULT_BIAS_STRENGTH
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides", "train_config", "save_config"]
+__all__ = ["DataConfig", "ModelConfig", "ConvertConfig", "TrainConfig", "PhaseConfig", "RunConfig", "load_config",
+           "apply_overrides", "save_config", "CONVERT_FORMS", "PHASES"]
 
-DEFAULTS: Dict[str, Any] = {
-    "name": "run",
-    "output": None,  # run directory; default runs/<name>
-    "data": {
-        "dataset": "fashion_mnist",
-        "data_dir": None,
-        "img_size": 28,
-        "train_subset": None,
-        "val_subset": None,
-        "augment": "light",
-        "resize": "pad",
-        "num_workers": 0,
-    },
-    "model": {
-        "name": "cmhsa5_conv_tiny",  # timm name of the model trained first (a CMHSA conv model in the pipeline)
-        "kwargs": {},
-    },
-    "convert": {
-        "bias_strength": DEFAULT_BIAS_STRENGTH,
-        "null_key": True,
-        "qk_std": 0.0,  # > 0 starts W_Q, W_K small and random so content attention can be learned in phase 2
-        # attention form of phase 2: 'paper' (the paper's layer), 'factorized' (same function, less compute) or
-        # 'local' (the paper's heads over the kernel's window of offsets, runs at any image size)
-        "form": "paper",
-        "qk_dim": None,  # Q/K head size of the factorized form (None: token width // heads)
-        "kwargs": {},  # training-only settings of the attention model, e.g. drop_path_rate
-    },
-    "train": {},
-    "phase1": {},
-    "phase2": {},
-}
+PHASES = ("phase1", "phase2")
+CONVERT_FORMS = ("paper", "factorized", "local")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str = "") -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, f"{where}{key}.")
+def _check(test, allowed: str) -> Dict[str, Any]:
+    """Field metadata: ``test(value)`` must hold for a set value; ``allowed`` says what is allowed."""
+    return {"check": test, "allowed": allowed}
+
+
+def _choice(*options: str) -> Dict[str, Any]:
+    return _check(lambda v: v in options, f"one of {', '.join(map(repr, options))}")
+
+
+_POSITIVE = _check(lambda v: v > 0, "> 0")
+_NON_NEGATIVE = _check(lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = _check(lambda v: v >= 1, ">= 1")
+_SUBSET = _check(lambda v: v > 0 if isinstance(v, int) else 0 < v <= 1,
+                 "an image count > 0 or a fraction in (0, 1]")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    data_dir: Optional[str] = None
+    img_size: int = field(default=28, metadata=_AT_LEAST_1)
+    train_subset: Optional[Union[int, float]] = field(default=None, metadata=_SUBSET)
+    val_subset: Optional[Union[int, float]] = field(default=None, metadata=_SUBSET)
+    augment: str = field(default="light", metadata=_choice("none", "light", "deit"))
+    resize: str = field(default="pad", metadata=_choice("pad", "resize"))
+    num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cmhsa5_conv_tiny"  # timm name of the model trained first (a CMHSA conv model in the pipeline)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # timm.create_model arguments
+
+
+@dataclass
+class ConvertConfig:
+    """Arguments of :func:`cmhsa.models.convert_model` (phase 1 -> phase 2)."""
+
+    bias_strength: float = field(default=DEFAULT_BIAS_STRENGTH, metadata=_NON_NEGATIVE)
+    null_key: bool = True
+    qk_std: float = field(default=0.0, metadata=_NON_NEGATIVE)  # > 0: W_Q, W_K start small and random
+    form: str = field(default="paper", metadata=_choice(*CONVERT_FORMS))
+    qk_dim: Optional[int] = field(default=None, metadata=_AT_LEAST_1)  # Q/K head size of the non-paper forms
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # training-only settings of the attention model
+
+
+@dataclass
+class TrainConfig:
+    """One phase's training settings, the input of :func:`cmhsa.engine.fit`; names follow timm's ``train.py``."""
+
+    epochs: int = field(default=10, metadata=_AT_LEAST_1)
+    batch_size: int = field(default=128, metadata=_AT_LEAST_1)  # for callers building loaders
+    lr: float = field(default=5e-4, metadata=_POSITIVE)
+    min_lr: float = field(default=1e-5, metadata=_NON_NEGATIVE)
+    weight_decay: float = field(default=0.05, metadata=_NON_NEGATIVE)
+    opt: str = "adamw"
+    opt_betas: Tuple[float, float] = (0.9, 0.999)  # only passed to optimizers that take betas
+    warmup_epochs: int = field(default=0, metadata=_NON_NEGATIVE)  # linear warm-up, counted within epochs
+    warmup_lr: float = field(default=1e-6, metadata=_NON_NEGATIVE)
+    sched: str = field(default="cosine", metadata=_check(lambda v: v != "plateau",
+                                                         "a timm scheduler other than 'plateau' (fit schedules "
+                                                         "per update), or 'none'"))
+    clip_grad: Optional[float] = field(default=1.0, metadata=_NON_NEGATIVE)  # max grad norm; None or 0: off
+    label_smoothing: float = field(default=0.1, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    mixup: float = field(default=0.0, metadata=_NON_NEGATIVE)  # mixup alpha; 0 -> off
+    cutmix: float = field(default=0.0, metadata=_NON_NEGATIVE)  # cutmix alpha; 0 -> off (image batches only)
+    mixup_prob: float = field(default=1.0, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    mixup_switch_prob: float = field(default=0.5, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    ema_decay: Optional[float] = field(default=None, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
+    precision: str = field(default="auto", metadata=_choice(*PRECISIONS))  # see engine.resolve_precision
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    compile: bool = False  # torch.compile the model
+    seed: int = field(default=0, metadata=_NON_NEGATIVE)
+    log_interval: int = field(default=50, metadata=_AT_LEAST_1)  # steps between progress updates / loss checks
+    max_steps_per_epoch: Optional[int] = field(default=None, metadata=_AT_LEAST_1)  # cap, for smoke tests
+    checkpoint_every: int = field(default=0, metadata=_NON_NEGATIVE)  # keep epoch_XXX/ weights every n epochs
+    num_classes: int = field(default=10, metadata=_AT_LEAST_1)  # set from the dataset, not a config key
+
+    def __post_init__(self) -> None:
+        _validate(self, "")
+        if not self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+
+
+# A phase section: every TrainConfig setting, unset (None) by default, meaning "as in train". Use 0 to switch off
+# clip_grad or ema_decay in one phase only.
+PhaseConfig = dataclasses.make_dataclass(
+    "PhaseConfig",
+    [(f.name, Optional[typing.get_type_hints(TrainConfig)[f.name]], field(default=None, metadata=f.metadata))
+     for f in fields(TrainConfig) if f.name != "num_classes"],
+    namespace={"__doc__": "Per-phase training settings over ``train``; None means unset (train's value)."},
+)
+PhaseConfig.__module__ = __name__
+
+
+def _train_section() -> TrainConfig:
+    return TrainConfig()
+
+
+@dataclass
+class RunConfig:
+    """A whole run; build it with :meth:`from_dict` or :func:`load_config`, change it with :meth:`set`."""
+
+    name: str = "run"
+    output: Optional[str] = None  # run directory; default runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    train: TrainConfig = field(default_factory=_train_section)
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    phase2: PhaseConfig = field(default_factory=PhaseConfig)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "RunConfig":
+        """The validated config: defaults updated with ``values`` (nested sections, any subset of keys)."""
+        if not isinstance(values, dict):
+            raise ValueError(f"a run config is a mapping of sections, got {type(values).__name__}")
+        config = _build(cls, values, "")
+        for phase in PHASES:  # settings that only make sense together, e.g. warmup_epochs < epochs
+            try:
+                config.phase_config(phase)
+            except ValueError as e:
+                raise ValueError(f"{phase} (train layered with {phase}): {e}") from None
+        return config
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain containers (tuples as lists) for YAML and JSON; phase sections hold only the settings they set."""
+        out = _plain(dataclasses.asdict(self))
+        out["train"].pop("num_classes")
+        for phase in PHASES:
+            out[phase] = {k: v for k, v in out[phase].items() if v is not None}
+        return out
+
+    def set(self, values: Dict[str, Any]) -> "RunConfig":
+        """A copy with ``{"section.key": value}`` set (typed values, no parsing), validated again."""
+        tree = self.to_dict()
+        for dotted, value in values.items():
+            keys = dotted.split(".")
+            node = tree
+            for key in keys[:-1]:
+                if not isinstance(node.get(key, {}), dict):
+                    raise ValueError(f"{dotted}: {key!r} is not a section")
+                node = node.setdefault(key, {})
+            node[keys[-1]] = copy.deepcopy(value)
+        return RunConfig.from_dict(tree)
+
+    def phase_config(self, phase: str, num_classes: int = 10) -> TrainConfig:
+        """The engine's settings for ``phase`` ('phase1' or 'phase2'): ``train`` with the phase's set fields."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        section = getattr(self, phase)
+        changes = {f.name: getattr(section, f.name) for f in fields(section) if getattr(section, f.name) is not None}
+        return dataclasses.replace(self.train, **changes, num_classes=num_classes)
+
+    def run_dir(self) -> Path:
+        return Path(self.output or Path("runs") / self.name)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown_key(key: str, known: Iterable[str], where: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {where + close[0]!r}?" if close else ""
+    return f"unknown config key {where + key!r}{hint} (known keys here: {', '.join(sorted(known))})"
+
+
+def _build(cls, values: Dict[str, Any], where: str):
+    """An instance of the dataclass ``cls`` from ``values``, checking keys, types and ranges."""
+    hints = _hints(cls)
+    known = {f.name: f for f in fields(cls) if not (cls is TrainConfig and f.name == "num_classes")}
+    for key in values:
+        if key not in known:
+            raise ValueError(_unknown_key(str(key), known, where))
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}{name} must be a section (a mapping of keys), got {value!r}")
+            kwargs[name] = _build(kind, value, f"{where}{name}.")
         else:
-            out[key] = copy.deepcopy(value)
-    return out
+            kwargs[name] = value
+    if cls is TrainConfig:
+        try:
+            return cls(**kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}" if not str(e).startswith(where) else str(e)) from None
+    instance = cls(**kwargs)
+    _validate(instance, where)
+    return instance
 
 
-def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """Defaults <- the YAML file (if any) <- ``key.sub=value`` overrides (values parsed as YAML)."""
-    config = copy.deepcopy(DEFAULTS)
+def _validate(instance, where: str) -> None:
+    """Coerce every field of ``instance`` to its type in place and check its range; ValueError names the key."""
+    hints = _hints(type(instance))
+    for f in fields(instance):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            continue
+        key = f"{where}{f.name}"
+        value = _coerce(getattr(instance, f.name), kind, key)
+        if value is not None and "check" in f.metadata and not f.metadata["check"](value):
+            raise ValueError(f"{key} must be {f.metadata['allowed']}, got {value!r}")
+        setattr(instance, f.name, value)
+
+
+def _type_name(kind) -> str:
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(kind) in (tuple, Tuple):
+        return f"a list of {len(args)} {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if typing.get_origin(kind) in (dict, Dict):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
+def _coerce(value: Any, kind, key: str) -> Any:
+    """``value`` as ``kind`` (int, float, bool, str, Optional/Union of those, Tuple, Dict), or ValueError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if int in options and float in options and not isinstance(value, (bool, float)):
+            try:  # an exact integer stays an int (an image count), anything else numeric is a float (a fraction)
+                return _coerce(value, int, key)
+            except ValueError:
+                pass
+        if int in options and float in options:
+            try:
+                return _coerce(value, float, key)
+            except ValueError:
+                raise ValueError(f"{key} must be {_type_name(kind)}, got {value!r}") from None
+        if len(options) == 1:
+            try:
+                return _coerce(value, options[0], key)
+            except ValueError:
+                raise ValueError(f"{key} must be {_type_name(kind)}, got {value!r}") from None
+    elif origin in (tuple, Tuple):
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif origin in (dict, Dict):
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+        if value is None:
+            return {}
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+    elif kind is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise ValueError(f"{key} must be a finite number, got {value!r}")
+            return float(number)
+    elif kind is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{key} must be {_type_name(kind)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> RunConfig:
+    """Defaults <- the YAML file (if any) <- ``section.key=value`` overrides (values parsed as YAML)."""
+    values: Dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist; presets are in configs/ (e.g. "
                                     f"configs/fmnist_tiny.yaml)")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a YAML mapping at the top level")
-        config = _merge(config, loaded)
+        try:
+            config = RunConfig.from_dict(values)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    else:
+        config = RunConfig()
     return apply_overrides(config, overrides)
 
 
-def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
-    """Apply ``section.key=value`` strings, e.g. ``phase1.epochs=3`` or ``data.train_subset=0.1``."""
-    config = copy.deepcopy(config)
+def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
+    """``["phase1.epochs=3", ...]`` -> ``{"phase1.epochs": 3, ...}`` (each value parsed as YAML)."""
+    parsed = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. phase1.epochs=3)")
         dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = config
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {key!r} is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
-    return config
+        parsed[dotted.strip()] = yaml.safe_load(raw)
+    return parsed
 
 
-def train_config(config: Dict[str, Any], phase: str, num_classes: int):
-    """The engine's TrainConfig for ``phase`` ('phase1' or 'phase2'): ``train`` layered with the phase's section."""
-    from .engine import TrainConfig
-
-    settings = {**config.get("train", {}), **config.get(phase, {}), "num_classes": num_classes}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown training settings {unknown} in train/{phase}; known: {sorted(known)}")
-    if "opt_betas" in settings:
-        settings["opt_betas"] = tuple(settings["opt_betas"])
-    return TrainConfig(**settings)
+def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings, e.g. ``phase1.epochs=3`` or ``data.train_subset=0.1``."""
+    parsed = parse_overrides(overrides)
+    return config.set(parsed) if parsed else config
 
 
-def save_config(config: Dict[str, Any], path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+def save_config(config: RunConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML, atomically."""
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any], where: str = "") -> List[str]:
+    """``["section.key: old -> new", ...]`` for the keys whose values differ between two ``to_dict()`` trees."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("kwargs",):
+            out += config_differences(a, b, f"{where}{key}.")
+        elif a != b:
+            out.append(f"{where}{key}: {a!r} -> {b!r}")
+    return out

@@ -5,7 +5,7 @@ one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / st
 needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), and makes
 the head's value map ``T_d``: in the paper's form it copies the patch (``W_V = I``) and applies ``T_d`` in its slice
 of ``W_O``; in the factorized form ``M_h = T_d`` directly; the local form is the paper's, restricted to the window
-of offsets the kernel reaches. A null key makes border patches whose neighbour is missing read zeros, which is
+of offsets the kernel reaches. A null key (docs/design.md §1.3) makes border patches whose neighbour is missing read zeros, which is
 exactly zero padding. Circular padding needs no null key: offsets are taken modulo the grid, so every offset has a
 key (:func:`wrap_offsets`).
 """
@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
 from .local_attention import LocalRelPosMHSA
+from .checks import check_bool, check_int, check_real
 from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "DEFAULT_BIAS_STRENGTH", "FORMS", "wrap_offsets", "local_window",
 ]
 
-# exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (DESIGN.md §1)
+# exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (docs/design.md §1.3)
 DEFAULT_BIAS_STRENGTH = 60.0
 
 
@@ -41,6 +42,18 @@ class ConvGeometry:
     stride: Tuple[int, int] = (1, 1)
     pad_before: Tuple[int, int] = (0, 0)
     circular: bool = False   # padding_mode='circular': offsets wrap around the grid
+
+    def __post_init__(self):
+        # ints become pairs; the index arithmetic below assumes positive sizes and a stride dividing the patch
+        for name, minimum in (("kernel_size", 1), ("patch_size", 1), ("dilation", 1), ("stride", 1),
+                              ("pad_before", 0)):
+            object.__setattr__(self, name, to_pair(getattr(self, name), name, minimum=minimum))
+        P, s = self.patch_size, self.stride
+        if P[0] % s[0] or P[1] % s[1]:
+            raise ValueError(
+                f"stride {s} does not divide patch size {P}: each output token must hold a whole "
+                f"(P/stride)x(P/stride) block of output pixels; use a stride that divides the patch size"
+            )
 
     @property
     def out_patch_size(self) -> Tuple[int, int]:
@@ -84,21 +97,18 @@ def conv_geometry(conv: nn.Conv2d, patch_size: IntOrPair) -> ConvGeometry:
     """
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(f"expected an nn.Conv2d, got {type(conv).__name__}")
-    P = to_pair(patch_size, "patch_size")
-    if min(P) < 1:
-        raise ValueError(f"patch_size must be positive, got {patch_size!r}")
-    K, dil, stride = tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride)
+    P = to_pair(patch_size, "patch_size", minimum=1)
+    # nn.Conv2d accepts these at construction and fails only in forward
+    check_int(conv.in_channels, "conv.in_channels")
+    check_int(conv.out_channels, "conv.out_channels")
+    K = to_pair(tuple(conv.kernel_size), "conv.kernel_size", minimum=1)
+    dil = to_pair(tuple(conv.dilation), "conv.dilation", minimum=1)
+    stride = to_pair(tuple(conv.stride), "conv.stride", minimum=1)
     if conv.padding_mode not in ("zeros", "circular"):
         raise ValueError(
             f"padding_mode={conv.padding_mode!r} is not supported: the construction reproduces zero and circular "
             f"padding only (padding_mode='zeros' or 'circular', with padding='same' or the equivalent integer padding)"
         )
-    for axis in (0, 1):
-        if P[axis] % stride[axis]:
-            raise ValueError(
-                f"stride {stride} does not divide patch size {P}: each output token must hold a whole "
-                f"(P/stride)x(P/stride) block of output pixels; use a stride that divides the patch size"
-            )
     if conv.padding == "same":
         pad_before = tuple(_same_pad_before(K[a], dil[a]) for a in (0, 1))
     elif conv.padding == "valid" or isinstance(conv.padding, str):
@@ -150,6 +160,11 @@ def conv_blocks(weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -
         offsets (n, 2) as (dy, dx), and blocks (n, Ph*Pw*C_in, Qh*Qw*C_out) in token layout, so that
         ``y_q = sum_i X_{q + offsets[i]} @ blocks[i]``.
     """
+    if weight.ndim != 4 or tuple(weight.shape[2:]) != geometry.kernel_size:
+        raise ValueError(f"expected a conv kernel (C_out, C_in/groups, {geometry.kernel_size[0]}, "
+                         f"{geometry.kernel_size[1]}) for this geometry, got shape {tuple(weight.shape)}")
+    if check_int(groups, "groups") > 1 and weight.shape[0] % groups:
+        raise ValueError(f"groups={groups} must divide the kernel's C_out={weight.shape[0]}")
     w = _dense_weight(weight, groups)
     (oy, ty), (ox, tx) = geometry.axis_taps(0), geometry.axis_taps(1)
     ty, tx = ty.to(w), tx.to(w)
@@ -171,12 +186,12 @@ def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
     """
     classes: Dict[Tuple[int, int], int] = {}  # wrapped offset -> its head
     which, first = [], []
-    for i, key in enumerate(map(tuple, offsets.remainder(torch.tensor(grid_size)).tolist())):
+    for i, key in enumerate(map(tuple, offsets.remainder(torch.tensor(grid_size, device=offsets.device)).tolist())):
         if key not in classes:
             classes[key] = len(classes)
             first.append(i)
         which.append(classes[key])
-    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, torch.tensor(which), blocks)
+    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, torch.tensor(which, device=blocks.device), blocks)
     return offsets[first], summed
 
 
@@ -190,15 +205,10 @@ def same_padding_geometry(kernel_size: IntOrPair, patch_size: IntOrPair, dilatio
                           stride: IntOrPair = 1) -> ConvGeometry:
     """Geometry of a kernel with zero 'same' padding (PyTorch's split; for stride > 1 the padding that keeps
     the output at input_size / stride)."""
-    K, P = to_pair(kernel_size, "kernel_size"), to_pair(patch_size, "patch_size")
-    dil, s = to_pair(dilation, "dilation"), to_pair(stride, "stride")
-    if min(K + P + dil + s) < 1:
-        raise ValueError(f"kernel_size, patch_size, dilation and stride must be positive, "
-                         f"got {kernel_size}, {patch_size}, {dilation}, {stride}")
-    if P[0] % s[0] or P[1] % s[1]:
-        raise ValueError(f"stride {s} does not divide patch size {P}; use a stride that divides the patch size")
+    K = to_pair(kernel_size, "kernel_size", minimum=1)
+    dil = to_pair(dilation, "dilation", minimum=1)
     pad = tuple(_same_pad_before(K[a], dil[a]) for a in (0, 1))
-    return ConvGeometry(kernel_size=K, patch_size=P, dilation=dil, stride=s, pad_before=pad)
+    return ConvGeometry(kernel_size=K, patch_size=patch_size, dilation=dil, stride=stride, pad_before=pad)
 
 
 def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntOrPair = 1,
@@ -331,7 +341,12 @@ def conv_to_mhsa(
     """
     _check_form(form)
     geometry = conv_geometry(conv, patch_size)
-    gh, gw = to_pair(grid_size, "grid_size")
+    gh, gw = to_pair(grid_size, "grid_size", minimum=1)
+    check_real(bias_strength, "bias_strength", minimum=0)
+    check_bool(null_key, "null_key")
+    check_real(qk_std, "qk_std", minimum=0)
+    if num_heads is not None:
+        check_int(num_heads, "num_heads")
     offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
     # the local form keeps a head for every offset the kernel reaches: the grid, any size, decides at run time
     if form != "local" and geometry.circular:
@@ -419,10 +434,15 @@ def verify(
     position."""
     from .bounds import head_lower_bound  # bounds builds on this module
 
-    P = to_pair(patch_size, "patch_size")
-    H, W = to_pair(image_size, "image_size")
+    P = to_pair(patch_size, "patch_size", minimum=1)
+    H, W = to_pair(image_size, "image_size", minimum=1)
     if H % P[0] or W % P[1]:
-        raise ValueError(f"image size {H}x{W} is not divisible by patch size {P[0]}x{P[1]}")
+        raise ValueError(f"image_size {H}x{W} is not divisible by patch_size {P[0]}x{P[1]}; use a multiple of the "
+                         f"patch size")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float64, got {dtype!r}")
+    check_int(batch_size, "batch_size")
+    check_int(seed, "seed", minimum=-2 ** 63)
     grid = (H // P[0], W // P[1])
     conv = copy.deepcopy(conv).to(dtype)  # leave the caller's module untouched
     start = time.perf_counter()

@@ -721,7 +721,9 @@ def create_loader(dataset: Dataset, batch_size: int, training: bool, num_workers
     :class:`DistributedSampler` (shuffled when training, seeded with ``seed``); ``num_replicas`` and ``rank``
     default to torch.distributed's. Call ``loader.sampler.set_epoch(epoch)`` every epoch, or every epoch
     replays the same order. The sampler pads the last shard with repeated samples so every rank gets as many;
-    exact distributed evaluation has to account for that. Workers persist across epochs when ``num_workers > 0``.
+    exact distributed evaluation has to account for that. Validation workers persist across epochs; training
+    workers start afresh every epoch, seeded from the loader's generator, so re-seeding it per epoch (as
+    :func:`cmhsa.engine.fit` does) makes each epoch's augmentations the same after a restart.
     """
     sampler = None
     generator_seed = seed
@@ -746,5 +748,5 @@ def create_loader(dataset: Dataset, batch_size: int, training: bool, num_workers
         num_workers=num_workers,
         drop_last=training if drop_last is None else drop_last,
         generator=torch.Generator().manual_seed(generator_seed),
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and not training,  # persistent workers would carry RNG across epochs
     )

@@ -22,17 +22,16 @@ Distributed training
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,7 +47,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import has_checkpoint, load_checkpoint, read_checkpoint_info, save_checkpoint
+from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from .config import PRECISIONS, TrainConfig
+from .rundir import PhaseDir
 
 __all__ = [
     "TrainConfig",
@@ -59,70 +60,27 @@ __all__ = [
     "autocast_context",
     "seed_everything",
     "init_distributed",
+    "distributed_session",
+    "all_ranks_agree",
     "is_main_process",
     "steps_per_epoch",
     "build_optimizer",
     "build_scheduler",
     "build_loss",
+    "build_scaler",
     "train_one_epoch",
     "evaluate",
+    "TrainState",
+    "create_train_state",
     "fit",
 ]
 
 _LOGGER = logging.getLogger(__name__)
 
-_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_PRECISIONS = PRECISIONS
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that may change between a run and its resume without changing the results.
 _RESUME_FREE_FIELDS = frozenset({"device", "compile", "log_interval", "checkpoint_every"})
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of :func:`fit`; names follow timm's ``train.py`` flags."""
-
-    epochs: int = 10
-    batch_size: int = 128  # for callers building loaders; fit uses the loaders it is given
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    weight_decay: float = 0.05
-    opt: str = "adamw"
-    opt_betas: tuple = (0.9, 0.999)  # only passed to optimizers that take betas
-    warmup_epochs: int = 0  # linear warm-up, counted within epochs
-    warmup_lr: float = 1e-6
-    sched: str = "cosine"  # any timm scheduler except 'plateau'; 'none' keeps lr constant
-    clip_grad: Optional[float] = 1.0  # max grad norm; None or 0 disables clipping
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # mixup alpha; 0 -> off
-    cutmix: float = 0.0  # cutmix alpha; 0 -> off (needs image batches N, C, H, W)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    ema_decay: Optional[float] = None  # ModelEmaV3 when set
-    precision: str = "auto"  # "auto", "bf16", "fp16", "fp32", see resolve_precision
-    device: str = "auto"  # "auto" -> cuda if available else cpu
-    compile: bool = False  # torch.compile the model
-    seed: int = 0
-    log_interval: int = 50  # steps between progress-bar updates (and non-finite loss checks)
-    max_steps_per_epoch: Optional[int] = None  # cap on optimizer steps per epoch, for smoke tests
-    checkpoint_every: int = 0  # also keep the weights of every n-th epoch in out_dir/epoch_XXX/ (0: only last, best)
-    num_classes: int = 10
-
-    def __post_init__(self) -> None:
-        self.opt_betas = tuple(self.opt_betas)  # a list from YAML/JSON must compare equal on resume
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {_PRECISIONS}, got {self.precision!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.sched == "plateau":
-            raise ValueError("sched='plateau' is not supported (fit schedules per update); use e.g. 'cosine'")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0 (0 keeps only last/ and best/), got {self.checkpoint_every}")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
 
 
 # --------------------------------------------------------------------------------------------- devices
@@ -244,6 +202,26 @@ def init_distributed(backend: Optional[str] = None) -> Tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+@contextmanager
+def distributed_session() -> Iterator[Tuple[int, int, int]]:
+    """:func:`init_distributed`, and ``destroy_process_group`` on every way out (an unfinished group aborts the
+    process at exit)."""
+    try:
+        yield init_distributed()
+    finally:
+        if _distributed():
+            dist.destroy_process_group()
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True if ``ok`` holds on every rank (``ok`` itself outside distributed runs)."""
+    if not _distributed():
+        return ok
+    flag = torch.tensor([int(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if _distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -320,6 +298,12 @@ def build_loss(cfg: TrainConfig) -> Tuple[nn.Module, Optional[Mixup]]:
     return nn.CrossEntropyLoss(), None
 
 
+def build_scaler(device: Union[str, torch.device], precision: str) -> torch.amp.GradScaler:
+    """A GradScaler, enabled for fp16 only: one step path serves every precision."""
+    device = torch.device(device)
+    return torch.amp.GradScaler(device.type, enabled=resolve_precision(device, precision) == "fp16")
+
+
 def _mean_lr(optimizer: torch.optim.Optimizer) -> float:
     groups = optimizer.param_groups
     return sum(group["lr"] for group in groups) / len(groups)
@@ -346,7 +330,7 @@ def train_one_epoch(
 
     Forward under autocast (``cfg.precision``), loss in fp32, gradient clipping to ``cfg.clip_grad``, the
     scheduler stepped per update with the global update count ``epoch * steps + step + 1``, EMA updated
-    after every step. Pass ``scaler`` for fp16. Shuffling/seeding per epoch is the caller's job (see
+    after every step. ``scaler`` defaults to :func:`build_scaler`'s. Shuffling/seeding per epoch is the caller's job (see
     :func:`fit`). ``device`` defaults to the model's.
 
     Returns:
@@ -356,6 +340,7 @@ def train_one_epoch(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_steps = steps_per_epoch(loader, cfg)
     precision = resolve_precision(device, cfg.precision, model)
+    scaler = scaler or build_scaler(device, precision)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
     lr, steps, samples = _mean_lr(optimizer), 0, 0
@@ -379,18 +364,12 @@ def train_one_epoch(
         loss = loss_fn(output.float(), targets)
 
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if cfg.clip_grad:
-                dispatch_clip_grad(model.parameters(), cfg.clip_grad)
-            optimizer.step()
+        scaler.scale(loss).backward()  # a disabled scaler (every precision but fp16) passes everything through
+        if cfg.clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            dispatch_clip_grad(model.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
 
         steps += 1
         samples += len(images)
@@ -480,9 +459,72 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int) -> None:
     """Make the epoch's randomness a pure function of (seed, epoch, rank), so resume replays it exactly."""
     seed_everything(_derived_seed(seed, epoch, rank))
     if loader.generator is not None:
-        loader.generator.manual_seed(seed + epoch)
+        # Shuffling (RandomSampler) and the workers' seeds come from this generator, and train loaders start their
+        # workers afresh each epoch (no persistent workers), so workers replay exactly too. Ranks > 0 draw their
+        # own worker seeds, so their augmentations differ from rank 0's.
+        loader.generator.manual_seed(seed + epoch if rank == 0 else _derived_seed(seed, epoch, rank))
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+@dataclass
+class TrainState:
+    """What training changes and a checkpoint saves: the (unwrapped) model, optimizer, per-update scheduler, EMA
+    model and grad scaler, with the next epoch to run and the best val top-1 so far."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Optional[ModelEmaV3]
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    best_top1: float = -math.inf
+    best_epoch: int = -1
+
+    @property
+    def best(self) -> Dict[str, Any]:
+        return {"best_top1": self.best_top1, "best_epoch": self.best_epoch}
+
+    def end_epoch(self, epoch: int, val_top1: float) -> bool:
+        """Move on past ``epoch``; True if its val top-1 is the best so far."""
+        self.epoch = epoch + 1
+        improved = val_top1 > self.best_top1
+        if improved:
+            self.best_top1, self.best_epoch = val_top1, epoch
+        return improved
+
+    def _scaler(self) -> Optional[torch.amp.GradScaler]:
+        return self.scaler if self.scaler.is_enabled() else None  # a disabled scaler has no state
+
+    def save(self, path: Path, **extra) -> None:
+        """Everything needed to resume, into the checkpoint directory ``path``."""
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ema, epoch=self.epoch - 1,
+                        scaler=self._scaler(), extra={**extra, **self.best}, keep_previous=True)
+
+    def load(self, path: Path, check: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
+        """Restore from the checkpoint at ``path`` (or the one before it, if that one is corrupt); returns its
+        ``extra``. ``check(extra)`` raises if the checkpoint does not belong to this run."""
+        restored = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ema, scaler=self._scaler(),
+                                   check=check, fallback=True)
+        extra = restored["extra"]
+        self.epoch, self.best_top1, self.best_epoch = restored["epoch"] + 1, extra["best_top1"], extra["best_epoch"]
+        return extra
+
+
+def create_train_state(model: nn.Module, cfg: TrainConfig, device: torch.device, updates_per_epoch: int,
+                       param_groups_fn: Optional[Callable[[nn.Module], Any]] = None) -> TrainState:
+    """A fresh :class:`TrainState` for ``cfg``, the model moved to ``device`` (and, under DDP, given rank 0's
+    weights, so every rank's EMA copy starts identical)."""
+    model = unwrap_model(model).to(device)
+    if _distributed():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    optimizer = build_optimizer(model, cfg, param_groups_fn)
+    return TrainState(
+        model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg, updates_per_epoch),
+        ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None,
+        scaler=build_scaler(device, cfg.precision),
+    )
 
 
 def _check_resumable(extra: Dict[str, Any], phase: str, config: Dict[str, Any], path: Path) -> None:
@@ -500,36 +542,65 @@ def _check_resumable(extra: Dict[str, Any], phase: str, config: Dict[str, Any], 
     if changed:
         raise ValueError(
             f"cannot resume from {path}: the config changed ({'; '.join(changed)}), so the run would not "
-            f"continue the one checkpointed. Restore those values, or pass resume=False or a new out_dir "
-            f"to start over"
+            f"continue the one checkpointed. Restore those values, or start over with resume=False "
+            f"(--no-resume) or another out_dir (--output)"
         )
 
 
-def _truncate_metrics(path: Path, phase: str, last_epoch: int) -> None:
-    """Drop ``phase`` lines after ``last_epoch`` (epochs that will be re-run) and torn lines, atomically."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a crash mid-write
-            continue
-        if not (record.get("phase") == phase and record.get("epoch", -1) > last_epoch):
-            kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Tuple[nn.Module, nn.Module]:
+    """(model to train: DDP and/or compiled, model to evaluate). Evaluation runs without DDP: no collectives, so
+    ranks may see different batch counts."""
+    train_model, eval_model = model, model
+    if _distributed():
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(model)
+    return train_model, eval_model
 
 
-def _append_jsonl(path: Path, record: Dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _validate(model: nn.Module, ema: Optional[ModelEmaV3], loader: DataLoader, device: torch.device,
+              cfg: TrainConfig) -> Dict[str, float]:
+    """``val_*`` metrics of the model, and ``ema_val_*`` of the EMA model when there is one."""
+    precision = resolve_precision(device, cfg.precision, model)
+    out = {}
+    for prefix, net in (("val_", model), ("ema_val_", ema.module if ema is not None else None)):
+        if net is not None:
+            metrics = evaluate(net, loader, device, precision, cfg.num_classes)
+            out.update({prefix + k: metrics[k] for k in ("loss", "top1", "top5")})
+    return out
+
+
+def _record(phase: str, epoch: int, train: Dict[str, Any], val: Dict[str, float]) -> Dict[str, Any]:
+    """The epoch's metrics line."""
+    return {"phase": phase, "epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
+            "val_top1": val["val_top1"], "val_top5": val["val_top5"], "lr": train["lr"],
+            "epoch_seconds": train["epoch_seconds"], "images_per_second": train["images_per_second"],
+            "wall_time": time.time(),  # unix time at the end of the epoch
+            **{k: v for k, v in val.items() if k.startswith("ema_")}}
+
+
+def _save_epoch(out: PhaseDir, state: TrainState, cfg: TrainConfig, record: Dict[str, Any], improved: bool,
+                config: Dict[str, Any]) -> None:
+    """The checkpoint policy (rank 0): the metrics line; best/ when val top-1 improved; epoch_XXX/ (weights, for
+    analyses) every ``cfg.checkpoint_every`` epochs; last/ (everything, and the epoch before it) every epoch."""
+    # Metrics first: if we die before the checkpoint lands, resume drops this line and re-runs the epoch.
+    out.append_metrics(record)
+    meta = {"phase": record["phase"], "metrics": record}
+    if improved:
+        save_checkpoint(out.best, state.model, ema=state.ema, epoch=record["epoch"], extra=meta)
+    if cfg.checkpoint_every and state.epoch % cfg.checkpoint_every == 0:
+        save_checkpoint(out.epoch(state.epoch), state.model, ema=state.ema, epoch=record["epoch"], extra=meta)
+    state.save(out.last, **meta, config=config)
+
+
+def _log_epoch(record: Dict[str, Any], cfg: TrainConfig, progress: bool) -> None:
+    line = (f"[{record['phase']}] epoch {record['epoch'] + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
+            f"val_loss {record['val_loss']:.4f}  top1 {record['val_top1']:.2f}  top5 {record['val_top5']:.2f}  "
+            f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
+    if progress:
+        tqdm.write(line)
+    else:
+        _LOGGER.info(line)
 
 
 def fit(
@@ -537,7 +608,7 @@ def fit(
     train_loader: DataLoader,
     val_loader: DataLoader,
     cfg: TrainConfig,
-    out_dir: Union[str, Path],
+    out_dir: Union[str, Path, PhaseDir],
     resume: bool = True,
     phase: str = "train",
     on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
@@ -550,13 +621,14 @@ def fit(
     applied here). After each epoch it is evaluated on ``val_loader`` (and so is the EMA model when
     ``cfg.ema_decay`` is set), and rank 0 appends a line to ``out_dir/metrics.jsonl`` and writes the
     checkpoints ``out_dir/last/`` (everything needed to resume) and ``out_dir/best/`` (weights with the best
-    val top-1 so far, plus its metrics), see :mod:`cmhsa.checkpoint`.
+    val top-1 so far, plus its metrics), see :mod:`cmhsa.checkpoint` and :class:`cmhsa.rundir.PhaseDir`.
 
     With ``resume`` and a checkpoint in ``out_dir/last/``, training continues after its epoch, exactly as if
-    never interrupted; metrics lines of this phase for later epochs are dropped. A finished run loads its
-    final weights and returns its stored metrics without training. The checkpoint must come from the same
-    ``phase`` and config (only ``device``, ``compile`` and ``log_interval`` may differ), else ValueError.
-    Without ``resume`` any metrics lines of this phase are dropped and training starts from scratch.
+    never interrupted; metrics lines of this phase for later epochs are dropped. A corrupt ``last/`` falls back
+    to the checkpoint of the epoch before it, with a warning. A finished run loads its final weights and returns
+    its stored metrics without training. The checkpoint must come from the same ``phase`` and config (only
+    ``device``, ``compile``, ``log_interval`` and ``checkpoint_every`` may differ), else ValueError. Without
+    ``resume`` any metrics lines of this phase are dropped and training starts from scratch.
 
     Args:
         phase: label written into every metrics line; use one ``out_dir`` per phase.
@@ -570,99 +642,38 @@ def fit(
         epoch_seconds, images_per_second, wall_time`` [+ ``ema_val_loss, ema_val_top1, ema_val_top5``])
         plus ``best_top1``, ``best_epoch`` and ``epochs_run`` (epochs trained by this call).
     """
-    out_dir = Path(out_dir)
-    last_dir, best_dir, metrics_path = out_dir / "last", out_dir / "best", out_dir / "metrics.jsonl"
-    distributed = _distributed()
-    rank = dist.get_rank() if distributed else 0
-    main = rank == 0
-    if distributed and not isinstance(train_loader.sampler, DistributedSampler):
+    out = out_dir if isinstance(out_dir, PhaseDir) else PhaseDir(out_dir)
+    rank = dist.get_rank() if _distributed() else 0
+    if _distributed() and not isinstance(train_loader.sampler, DistributedSampler):
         warnings.warn("distributed run without a DistributedSampler: every rank iterates the whole train set")
-
+    if getattr(train_loader, "persistent_workers", False):
+        warnings.warn("persistent train-loader workers keep their RNG across epochs, so resume is not exact")
     device = resolve_device(cfg)
-    precision = resolve_precision(device, cfg.precision, model)
-    model = unwrap_model(model).to(device)
-    train_model: nn.Module = model
-    if distributed:
-        # Construction broadcasts rank 0's weights, so the EMA copy made below starts identical on all ranks.
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    updates_per_epoch = steps_per_epoch(train_loader, cfg)
-    optimizer = build_optimizer(model, cfg, param_groups_fn)
-    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    state = create_train_state(model, cfg, device, steps_per_epoch(train_loader, cfg), param_groups_fn)
     loss_fn, mixup_fn = build_loss(cfg)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     config = asdict(cfg)
 
-    start_epoch, best = 0, {"best_top1": -math.inf, "best_epoch": -1}
-    if resume and has_checkpoint(last_dir):
-        _check_resumable(read_checkpoint_info(last_dir)["extra"], phase, config, last_dir)
-        restored = load_checkpoint(last_dir, model, optimizer, scheduler, ema, scaler=scaler)
-        extra = restored["extra"]
-        start_epoch = restored["epoch"] + 1
-        best = {"best_top1": extra["best_top1"], "best_epoch": extra["best_epoch"]}
-        if start_epoch >= cfg.epochs:
-            return {**extra["metrics"], **best, "epochs_run": 0}
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_path, phase, start_epoch - 1)
-
-    # Evaluation runs on the unwrapped model: no DDP collectives, so ranks may see different batch counts.
-    eval_model = model
-    if cfg.compile:
-        train_model, eval_model = torch.compile(train_model), torch.compile(model)
-
     record: Dict[str, Any] = {}
+    if resume and has_checkpoint(out.last):
+        record = state.load(out.last, check=lambda extra: _check_resumable(extra, phase, config, out.last))["metrics"]
+    if rank == 0 and state.epoch < cfg.epochs:
+        out.truncate_metrics(phase, state.epoch - 1)
+    train_model, eval_model = _wrap(state.model, cfg, device)
+
+    start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.epochs):
         _seed_epoch(train_loader, cfg.seed, epoch, rank)
-        train = train_one_epoch(
-            train_model, train_loader, optimizer, loss_fn, cfg, epoch, scheduler=scheduler, mixup_fn=mixup_fn,
-            ema=ema, device=device, progress=progress, scaler=scaler,
-        )
-        val = evaluate(eval_model, val_loader, device, precision, cfg.num_classes)
-        record = {
-            "phase": phase,
-            "epoch": epoch,
-            "train_loss": train["train_loss"],
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "lr": train["lr"],
-            "epoch_seconds": train["epoch_seconds"],
-            "images_per_second": train["images_per_second"],
-            "wall_time": time.time(),  # unix time at the end of the epoch
-        }
-        if ema is not None:
-            ema_val = evaluate(ema.module, val_loader, device, precision, cfg.num_classes)
-            record.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
-        improved = val["top1"] > best["best_top1"]
-        if improved:
-            best = {"best_top1": val["top1"], "best_epoch": epoch}
-
-        if main:
-            # Metrics first: if we die before the checkpoint lands, resume drops this line and re-runs the epoch.
-            _append_jsonl(metrics_path, record)
-            if improved:
-                save_checkpoint(best_dir, model, ema=ema, epoch=epoch, extra={"phase": phase, "metrics": record})
-            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
-                # weights only, for analyses that follow a run through its epochs
-                save_checkpoint(out_dir / f"epoch_{epoch + 1:03d}", model, ema=ema, epoch=epoch,
-                                extra={"phase": phase, "metrics": record})
-            save_checkpoint(
-                last_dir, model, optimizer, scheduler, ema, epoch=epoch, scaler=scaler,
-                extra={"phase": phase, "config": config, "metrics": record, **best},
-            )
-            summary = (
-                f"[{phase}] epoch {epoch + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
-                f"val_loss {record['val_loss']:.4f}  top1 {record['val_top1']:.2f}  top5 {record['val_top5']:.2f}  "
-                f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s"
-            )
-            if progress:
-                tqdm.write(summary)
-            else:
-                _LOGGER.info(summary)
+        train = train_one_epoch(train_model, train_loader, state.optimizer, loss_fn, cfg, epoch,
+                                scheduler=state.scheduler, mixup_fn=mixup_fn, ema=state.ema, device=device,
+                                progress=progress, scaler=state.scaler)
+        record = _record(phase, epoch, train, _validate(eval_model, state.ema, val_loader, device, cfg))
+        improved = state.end_epoch(epoch, record["val_top1"])
+        if rank == 0:
+            _save_epoch(out, state, cfg, record, improved, config)
+            _log_epoch(record, cfg, progress)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
-    if distributed:
+    if _distributed() and start_epoch < cfg.epochs:
         dist.barrier()  # nobody returns before rank 0 has written the final checkpoint
-    return {**record, **best, "epochs_run": cfg.epochs - start_epoch}
+    return {**record, **state.best, "epochs_run": cfg.epochs - start_epoch}

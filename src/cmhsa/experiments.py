@@ -17,20 +17,22 @@ Every finished cell is also scored once on the dataset's whole test split (``tes
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import yaml
 
-from .config import apply_overrides, load_config, save_config, train_config
+from .atomic import atomic_write_text
+from .config import RunConfig, load_config, parse_overrides
 from .engine import evaluate, resolve_device, resolve_precision
-from .pipeline import build_loaders, create_model, load_model, model_spec, run_pipeline, train_phase
-from .plots import read_metrics
+from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
+from .provenance import git_state
+from .rundir import RunDir
 
 __all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished", "read_cells", "hardware"]
 
@@ -77,21 +79,21 @@ def _expand_sizes(spec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
     return cells
 
 
-def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: Dict[str, Any]) -> List[str]:
-    """Overrides that turn the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase into epochs."""
-    overrides = []
-    n = config["data"]["train_subset"]
+def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) -> Dict[str, int]:
+    """``{"phase.epochs": E, ...}``: the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase as epochs."""
+    settings = {}
+    n = config.data.train_subset
     for key, epochs_key in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
         for phase, steps in {**spec.get(key, {}), **cell.get(key, {})}.items():
             if not isinstance(n, int):
                 raise ValueError(f"cell {cell['name']!r}: a budget in steps needs data.train_subset as an image "
                                  f"count, got {n!r}")
-            batch = {**config["train"], **config.get(phase, {})}.get("batch_size", 128)
+            batch = config.phase_config(phase).batch_size
             per_epoch = n // batch
             if per_epoch < 1:
                 raise ValueError(f"cell {cell['name']!r}: batch size {batch} exceeds the {n} training images")
-            overrides.append(f"{phase}.{epochs_key}={math.ceil(steps / per_epoch)}")
-    return overrides
+            settings[f"{phase}.{epochs_key}"] = math.ceil(steps / per_epoch)
+    return settings
 
 
 def results_dir(spec: Dict[str, Any], budget: str, root: str | Path = "results") -> Path:
@@ -112,26 +114,13 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
             if only and cell["name"] not in only:
                 continue
             config = load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", [])])
-            config = apply_overrides(config, [*_step_budget(spec, cell, config), *budget_overrides])
-            config = apply_overrides(config, [
-                f"train.seed={seed}", f"name={cell['name']}",
-                f"output={Path(runs_root) / spec['name'] / budget / cell['name'] / f'seed{seed}'}",
-            ])
+            # one set: the step budget's epochs and the budget's overrides only have to be valid together
+            config = config.set({**_step_budget(spec, cell, config), **parse_overrides(budget_overrides),
+                                 "train.seed": seed, "name": cell["name"],
+                                 "output": str(Path(runs_root) / spec["name"] / budget / cell["name"] / f"seed{seed}")})
             out.append({"cell": cell["name"], "label": cell.get("label", cell["name"]),
                         "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config})
     return out
-
-
-def git_state() -> Dict[str, Any]:
-    """The commit of the code that ran, and whether its tree had uncommitted changes (None outside a checkout)."""
-    root = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def hardware() -> Dict[str, Any]:
@@ -141,11 +130,11 @@ def hardware() -> Dict[str, Any]:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def _test_metrics(config: Dict[str, Any], run: Path) -> Dict[str, Any]:
+def _test_metrics(config: RunConfig, run: Path) -> Dict[str, Any]:
     """The run's final weights scored on the dataset's whole test split (``data.val_subset`` lifted)."""
     model, spec, _ = load_model(run, which="last")
-    full = apply_overrides(config, ["data.val_subset=null"])
-    cfg = train_config(full, "phase1", spec["kwargs"]["num_classes"])
+    full = config.set({"data.val_subset": None})
+    cfg = full.phase_config("phase1", spec["kwargs"]["num_classes"])
     device = resolve_device(cfg)
     _, test_loader, _ = build_loaders(full, 256, spec["kwargs"]["in_chans"])
     metrics = evaluate(model.to(device), test_loader, device, resolve_precision(device, cfg.precision, model),
@@ -153,39 +142,66 @@ def _test_metrics(config: Dict[str, Any], run: Path) -> Dict[str, Any]:
     return {**metrics, "images": len(test_loader.dataset)}
 
 
+def _can_resume(run: RunDir, config: RunConfig) -> bool:
+    """True if ``run`` holds an interrupted run of ``config`` (a changed config starts the cell again)."""
+    try:
+        return run.saved_config() is not None and not run.differences(config)
+    except ValueError:  # a config.yaml this version cannot read
+        return False
+
+
 def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
-    config, out = entry["config"], Path(entry["config"]["output"])
-    # resume an interrupted run of the same config; a changed config starts the cell again
-    saved = out / "config.yaml"
-    resume = saved.exists() and yaml.safe_load(saved.read_text()) == config
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
+    config: RunConfig = entry["config"]
+    run = RunDir(config.run_dir())
+    resume = _can_resume(run, config)
     if entry["kind"] == "pipeline":
         summary = run_pipeline(config, resume=resume, progress=progress)
-        phases = {p: read_metrics(out / p / "metrics.jsonl") for p in ("phase1", "phase2")}
-        final = phases["phase2"][-1]
-        return {"final": final, "phases": phases, "params": summary["phase2"]["params"],
+        phases = {p: run.phase(p).read_metrics() for p in ("phase1", "phase2")}
+        return {"final": phases["phase2"][-1], "phases": phases, "params": summary["phase2"]["params"],
                 "train_seconds": summary["phase1"]["train_seconds"] + summary["phase2"]["train_seconds"],
-                "transfer": summary["transfer"], "test": _test_metrics(config, out)}
+                "transfer": summary["transfer"], "test": _test_metrics(config, run.root)}
     spec = model_spec(config)
-    model = create_model(spec, seed=train_config(config, "phase1", spec["kwargs"]["num_classes"]).seed)
+    model = create_model(spec, seed=config.phase_config("phase1").seed)
     params = sum(p.numel() for p in model.parameters())
-    train_phase(model, spec, config, "phase1", out / "train", resume=resume, progress=progress)
-    lines = read_metrics(out / "train" / "metrics.jsonl")
+    with open_run(config, resume) as opened:
+        train_phase(model, spec, config, "phase1", opened.phase("train"), resume=resume, progress=progress)
+    lines = run.phase("train").read_metrics()
     return {"final": lines[-1], "phases": {"train": lines}, "params": params,
-            "train_seconds": sum(m["epoch_seconds"] for m in lines), "test": _test_metrics(config, out / "train")}
+            "train_seconds": sum(m["epoch_seconds"] for m in lines),
+            "test": _test_metrics(config, run.phase("train").root)}
 
 
-def _run_identity(record: Dict[str, Any]) -> tuple:
+def recorded_config(record: Dict[str, Any]) -> Optional[RunConfig]:
+    """The RunConfig a cell record ran, defaults filled (records written before a setting existed hold its
+    default), or None when this version cannot read it as what it ran."""
+    values = record["config"]
+    convert = values.get("convert", {})
+    if "qk_dim" not in convert and convert.get("form", "paper") != "paper":
+        return None  # written before convert.form existed, when the key was ignored: it ran the paper form
+    try:
+        return RunConfig.from_dict(values)
+    except ValueError:
+        return None
+
+
+def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
     """What a cell computes: its kind and its config without the name and output directory."""
-    return record["kind"], {k: v for k, v in record["config"].items() if k not in ("name", "output")}
+    if config is None:
+        return None
+    return kind, config.set({"name": "run", "output": None})
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_identity(path: str, mtime_ns: int) -> Optional[tuple]:
+    record = json.loads(Path(path).read_text())
+    return _run_identity(record["kind"], recorded_config(record))
 
 
 def find_finished(entry: Dict[str, Any], results_root: str | Path) -> Optional[Path]:
     """The record of a finished cell, in any grid under ``results_root``, that ran exactly what ``entry`` runs."""
-    identity = _run_identity(entry)
+    identity = _run_identity(entry["kind"], entry["config"])
     for path in sorted(Path(results_root).glob("*/cells/*.json")):
-        if _run_identity(json.loads(path.read_text())) == identity:
+        if _record_identity(str(path), path.stat().st_mtime_ns) == identity:  # read once per version of the file
             return path
     return None
 
@@ -201,10 +217,10 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
     code = git_state()  # the code as it was when the grid started, not when a cell ends
     for i, entry in enumerate(entries, 1):
         path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
-        if path.exists() and json.loads(path.read_text())["config"] == entry["config"]:
+        if path.exists() and recorded_config(json.loads(path.read_text())) == entry["config"]:
             continue
         header = f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})"
-        record = {k: entry[k] for k in ("cell", "label", "kind", "seed", "config")}
+        record = {**{k: entry[k] for k in ("cell", "label", "kind", "seed")}, "config": entry["config"].to_dict()}
         same = find_finished(entry, results_root)
         if same is not None:
             # the same run already finished in another grid (e.g. efficiency's 2k cells are table1's): reuse it
@@ -216,9 +232,7 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
             if progress:
                 print(header)
             record.update(_run_cell(entry, progress), budget=budget, hardware=hardware(), git=code)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(record, indent=1))
     return out
 
 

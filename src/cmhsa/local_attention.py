@@ -10,6 +10,7 @@ from timm.layers import trunc_normal_
 from torch.autograd.function import once_differentiable
 
 from .attention import init_paper_heads
+from .checks import check_bool
 from .tokens import IntOrPair, to_pair
 
 __all__ = ["LocalRelPosMHSA"]
@@ -113,11 +114,12 @@ class LocalRelPosMHSA(nn.Module):
     ):
         super().__init__()
         init_paper_heads(self, dim, num_heads, head_dim, out_dim, qkv_bias, attn_drop, proj_drop)
-        self.window_size = to_pair(window_size, "window_size")
-        if min(self.window_size) < 1 or not all(w % 2 for w in self.window_size):
+        self.window_size = to_pair(window_size, "window_size", minimum=1)
+        if not all(w % 2 for w in self.window_size):
             raise ValueError(f"window_size must be odd (centred on the query), got {window_size!r}")
-        self.grid_size = to_pair(grid_size, "grid_size")  # the default grid; forward takes any other
-        self.circular = circular
+        self.grid_size = to_pair(grid_size, "grid_size", minimum=1)  # the default grid; forward takes any other
+        self.circular = check_bool(circular, "circular")
+        check_bool(null_key, "null_key")
         self.rel_pos_bias = nn.Parameter(torch.zeros(num_heads, self.window_size[0] * self.window_size[1]))
         self.null_bias = nn.Parameter(torch.zeros(num_heads)) if null_key else None
         trunc_normal_(self.rel_pos_bias, std=0.02)
@@ -163,7 +165,7 @@ class LocalRelPosMHSA(nn.Module):
 
     def _qkv(self, x: torch.Tensor, grid_size: Optional[IntOrPair]):
         B, N, _ = x.shape
-        gh, gw = self.grid_size if grid_size is None else to_pair(grid_size, "grid_size")
+        gh, gw = self.grid_size if grid_size is None else to_pair(grid_size, "grid_size", minimum=1)
         if N != gh * gw:
             raise ValueError(f"got {N} tokens for a {gh}x{gw} grid ({gh * gw} tokens); pass forward(x, grid_size) "
                              f"with the input's grid")

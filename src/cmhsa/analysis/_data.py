@@ -2,7 +2,7 @@
 input channels / size it needs."""
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -39,17 +39,16 @@ def _val_loader(config_path: Optional[Path], in_chans: int, batch_size: int, dat
                 data_dir: Optional[str] = None, img_size: Any = None) -> Tuple[Any, Dict[str, Any]]:
     """Validation loader (no augmentation, in order) of a run's data config with overrides, and that data config
     with ``black``: the normalised value of a black pixel per channel."""
-    overrides = []
-    for value, key in ((dataset, "data.dataset"), (data_dir, "data.data_dir"), (img_size, "data.img_size")):
-        if value is not None:
-            overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    config = load_config(config_path, overrides)
-    d = config["data"]
-    _, val, info = create_datasets(d["dataset"], img_size=d["img_size"], in_chans=in_chans,
-                                   data_dir=d.get("data_dir"), augment="none", resize=d.get("resize", "pad"))
+    flags = {"data.dataset": dataset, "data.data_dir": data_dir}
+    config = load_config(config_path).set({key: value for key, value in flags.items() if value is not None})
+    d = config.data
+    size = d.img_size if img_size is None else img_size  # the model's own input size may be a (H, W) pair
+    _, val, info = create_datasets(d.dataset, img_size=size, in_chans=in_chans, data_dir=d.data_dir,
+                                   augment="none", resize=d.resize)
     # a black pixel after normalisation: what "zero-fill" means for these images
     black = [-m / s for m, s in zip(info.mean, info.std)]
-    return create_loader(val, batch_size, training=False), {**d, "black": black}
+    return create_loader(val, batch_size, training=False), {**dataclasses.asdict(d), "img_size": size,
+                                                            "black": black}
 
 
 def _materialise(loader: Iterable, max_batches: Optional[int]) -> List[Tuple[torch.Tensor, Any]]:

@@ -11,7 +11,9 @@ import torch
 import torch.nn as nn
 
 from ..models import CMHSA
-from ..pipeline import load_model, run_config_path
+from ..pipeline import load_model, run_config_path, spec_label
+from ..provenance import git_state
+from ..rundir import PhaseDir, RunDir
 from ._common import _eval_mode, _to_model
 from ._data import _materialise, _model_img_size, _model_in_chans, _val_loader
 from .attention import attention_distance, attention_layers, plot_attention_distance
@@ -45,12 +47,13 @@ def _load(source: Union[str, Path, nn.Module], which: str) -> Tuple[nn.Module, D
 
     path = Path(source)
     model, spec, ckpt = load_model(path, which=which)
-    run_dir = path if (path / "config.yaml").exists() else None
+    run_dir = path if RunDir(path).config_path.exists() else None
     if run_dir is None:
         config = run_config_path(ckpt)
-        run_dir = config.parent if config is not None and ((config.parent / "phase1").is_dir()
-                                                           or (config.parent / "phase2").is_dir()) else None
-    return model.float(), {"name": spec["name"], "path": str(path), "checkpoint": str(ckpt),
+        run = RunDir(config.parent) if config is not None else None
+        run_dir = run.root if run is not None and any(run.phase(p).root.is_dir() for p in ("phase1", "phase2")) \
+            else None
+    return model.float(), {"name": spec_label(spec), "path": str(path), "checkpoint": str(ckpt),
                            "run_dir": str(run_dir) if run_dir else None, "config": run_config_path(ckpt)}
 
 
@@ -90,9 +93,9 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
         if info["checkpoint"] is None:
             raise ValueError("analyze(model) needs out_dir=... to write analysis.json and the plots")
         ckpt, path = Path(info["checkpoint"]), Path(info["path"])
-        if (path / "config.yaml").exists():
+        if RunDir(path).config_path.exists():
             out_dir = path / "analysis"
-        elif (ckpt / "model.json").exists():  # weights beside model.json (`cmhsa convert` output)
+        elif PhaseDir(ckpt).spec_path.exists():  # weights beside model.json (`cmhsa convert` output)
             out_dir = ckpt / "analysis"
         else:
             # beside, never inside, the checkpoint: save_checkpoint refuses to replace a dir with foreign files
@@ -133,7 +136,7 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
         rc = remaining_convolution(model, batches)
         rc.pop("kernels")
         result["remaining_convolution"] = rc
-    if checkpoints and global_form and info["run_dir"] and (Path(info["run_dir"]) / "phase1").is_dir():
+    if checkpoints and global_form and info["run_dir"] and RunDir(info["run_dir"]).phase("phase1").root.is_dir():
         records = remaining_convolution_over_checkpoints(info["run_dir"], batches)
         result["remaining_convolution_over_checkpoints"] = records
         files.append(plot_remaining_convolution(records, out_dir / "remaining_convolution.png", title=title))
@@ -156,6 +159,7 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
     files.append(plot_shift_consistency(shift, out_dir / "shift_consistency.png", title=f"{title}: shift consistency"))
 
     result = _jsonable(result)
+    result["git"] = git_state()
     result["files"] = [str(p) for p in [out_dir / "analysis.json", *files]]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "analysis.json").write_text(json.dumps(result, indent=2, allow_nan=False))

@@ -5,7 +5,6 @@ projection of the layer back onto a KxK convolution; for one model or over a pip
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -18,11 +17,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from ..attention import RelPosAttention  # noqa: E402
-from ..checkpoint import read_checkpoint_info  # noqa: E402
+from ..checkpoint import MODEL_FILE, STATE_FILE, read_checkpoint_info  # noqa: E402
 from ..config import load_config  # noqa: E402
 from ..convert import DEFAULT_BIAS_STRENGTH, ConvGeometry, conv_blocks, same_padding_geometry  # noqa: E402
 from ..models import CMHSA, convert_model  # noqa: E402
-from ..pipeline import convert_kwargs, load_model  # noqa: E402
+from ..pipeline import convert_settings, load_model  # noqa: E402
+from ..rundir import RunDir  # noqa: E402
 from ._common import Data, _image_batches, _run_capturing, _save  # noqa: E402
 from ._data import _materialise, _model_in_chans, _val_loader  # noqa: E402
 
@@ -262,24 +262,26 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     'conv_projection_error', 'layers'}`` sorted by epoch.
     """
     run_dir = Path(run_dir)
-    phase1, phase2 = run_dir / "phase1", run_dir / "phase2"
+    run = RunDir(run_dir)
+    phase1, phase2 = run.phase("phase1").root, run.phase("phase2").root
     found: Dict[int, Dict[str, Any]] = {}
-    spec2 = json.loads((phase2 / "model.json").read_text()) if (phase2 / "model.json").exists() else None
+    spec2 = run.phase("phase2").read_spec() if run.phase("phase2").spec_path.exists() else None
 
-    if (phase1 / "last" / "model.safetensors").is_file():
-        if (run_dir / "config.yaml").exists():
-            # the pipeline's own conversion settings (cmhsa.pipeline._convert), form, qk_std and kwargs included
-            kw = convert_kwargs(load_config(run_dir / "config.yaml")["convert"])
+    last1 = run.phase("phase1").last
+    if (last1 / MODEL_FILE).is_file():
+        if run.config_path.exists():
+            # the pipeline's own conversion settings (cmhsa.pipeline._convert), qk_std and kwargs included
+            kw = convert_settings(load_config(run.config_path))
         elif spec2 is not None:
             kw = {k: spec2["kwargs"][k] for k in ("bias_strength", "null_key", "form", "qk_dim")
                   if k in spec2["kwargs"]}
         else:
             kw = dict(bias_strength=DEFAULT_BIAS_STRENGTH, null_key=True)
-        found[0] = dict(dirs=[phase1 / "last"], metrics=None, load=lambda kw=kw: _converted(phase1 / "last", kw),
+        found[0] = dict(dirs=[last1], metrics=None, load=lambda kw=kw: _converted(last1, kw),
                         names=["phase1/last (converted)"])
     if phase2.is_dir():
         for d in sorted(p for p in phase2.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not ((d / "model.safetensors").is_file() and (d / "state.pt").is_file()):
+            if not ((d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file()):
                 continue
             info = read_checkpoint_info(d)
             epoch = info["epoch"] + 1
@@ -293,7 +295,7 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
                                 f"(a pipeline run directory, e.g. runs/<name>)")
 
     if data is None:
-        config_path = run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else None
+        config_path = run.config_path if run.config_path.exists() else None
         sample = found[min(found)]["load"]()
         loader, _ = _val_loader(config_path, _model_in_chans(sample), batch_size)
         data = _materialise(loader, max_batches)

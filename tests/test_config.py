@@ -1,0 +1,166 @@
+"""The typed run config: unknown keys, type coercion, ranges, presets, and old result records."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cmhsa.cli import main
+from cmhsa.config import RunConfig, load_config
+from cmhsa.experiments import cell_configs, find_finished, load_experiment, recorded_config, run_experiment
+from cmhsa.models import convert_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("phse2.lr=1.0e-3", "unknown config key 'phse2'; did you mean 'phase2'?"),
+    ("data.datset=digits", "unknown config key 'data.datset'; did you mean 'data.dataset'?"),
+    ("convert.bias_strenght=10", "unknown config key 'convert.bias_strenght'; did you mean 'convert.bias_strength'?"),
+    ("phase1.epoch=3", "unknown config key 'phase1.epoch'; did you mean 'phase1.epochs'?"),
+    ("train.num_classes=3", "unknown config key 'train.num_classes'"),  # set from the dataset, never by hand
+])
+def test_unknown_keys_are_errors_with_a_did_you_mean(override, message):
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIGS / "fmnist_tiny.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_unknown_section_in_a_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({"data": {"dataset": "digits"}, "phse2": {"epochs": 3}}))
+    with pytest.raises(ValueError, match=r"typo.yaml: unknown config key 'phse2'; did you mean 'phase2'\?"):
+        load_config(path)
+    with pytest.raises(ValueError, match="data must be a section"):
+        RunConfig.from_dict({"data": 3})
+
+
+def test_values_are_coerced_to_the_field_type():
+    c = load_config(None, ["phase1.lr=1e-3", "train.epochs='3'", "data.train_subset=300", "data.val_subset=0.5",
+                           "convert.null_key=false", "train.opt_betas=[0.8, 0.9]", "data.img_size=12.0"])
+    assert c.phase1.lr == 0.001 and isinstance(c.phase1.lr, float)  # YAML 1.1 reads 1e-3 as a string
+    assert c.train.epochs == 3 and isinstance(c.train.epochs, int)
+    assert c.data.train_subset == 300 and isinstance(c.data.train_subset, int)  # a count
+    assert c.data.val_subset == 0.5  # a fraction
+    assert c.convert.null_key is False and c.train.opt_betas == (0.8, 0.9) and c.data.img_size == 12
+    assert c.phase_config("phase1").lr == 0.001 and c.phase_config("phase2").lr == c.train.lr
+    # typed values from code need no parsing
+    assert c.set({"phase2.epochs": 4, "output": Path("/tmp/x")}).output == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("phase1.epochs=2.5", "phase1.epochs must be an integer or null, got 2.5"),
+    ("phase1.epochs=abc", "phase1.epochs must be an integer or null, got 'abc'"),
+    ("train.epochs=abc", "train.epochs must be an integer, got 'abc'"),
+    ("train.lr=fast", "train.lr must be a number, got 'fast'"),
+    ("convert.null_key=3", "convert.null_key must be true or false, got 3"),
+    ("model.kwargs=3", "model.kwargs must be a mapping, got 3"),
+    ("train.opt_betas=[0.9]", "train.opt_betas must be a list of 2 numbers"),
+])
+def test_values_that_do_not_fit_their_type_name_the_key(override, message):
+    with pytest.raises(ValueError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("phase2.lr=0", "phase2.lr must be > 0, got 0.0"),
+    ("data.train_subset=0", "data.train_subset must be an image count > 0 or a fraction in (0, 1]"),
+    ("data.val_subset=1.5", "data.val_subset must be an image count > 0 or a fraction in (0, 1]"),
+    ("convert.bias_strength=-1", "convert.bias_strength must be >= 0, got -1.0"),
+    ("convert.bias_strength=.nan", "convert.bias_strength must be a finite number"),
+    ("convert.bias_strength=.inf", "convert.bias_strength must be a finite number"),
+    ("convert.qk_std=-0.1", "convert.qk_std must be >= 0"),
+    ("convert.form=fancy", "convert.form must be one of 'paper', 'factorized', 'local', got 'fancy'"),
+    ("convert.qk_dim=0", "convert.qk_dim must be >= 1"),
+    ("data.augment=heavy", "data.augment must be one of 'none', 'light', 'deit'"),
+    ("train.precision=half", "train.precision must be one of"),
+    ("phase1.warmup_epochs=20", "phase1 (train layered with phase1): warmup_epochs must be in [0, epochs=20)"),
+])
+def test_ranges_are_checked(override, message):
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIGS / "fmnist_tiny.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_round_trip_and_phase_layering():
+    c = load_config(CONFIGS / "cifar100_cmhsa5_paper.yaml")
+    assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(c.to_dict()))) == c
+    assert c.phase_config("phase1").clip_grad is None  # train's explicit null (no clipping) reaches the phases
+    assert c.phase_config("phase2").epochs == 200 and c.phase_config("phase2").warmup_epochs == 5
+    assert c.to_dict()["phase1"] == {"epochs": 200, "lr": 1.25e-4}  # phase sections hold what they set
+
+
+@pytest.mark.parametrize("grid", sorted(p.name for p in (CONFIGS / "experiments").glob("*.yaml")))
+def test_every_grid_cell_is_a_valid_config(grid):
+    spec = load_experiment(CONFIGS / "experiments" / grid)
+    for budget in ("quick", "full"):
+        for entry in cell_configs(spec, budget, spec["seeds"]):
+            assert isinstance(entry["config"], RunConfig) and entry["config"].train.seed == entry["seed"]
+
+
+def test_convert_section_reaches_convert_model():
+    from cmhsa.pipeline import convert_settings, create_model, model_spec
+    c = load_config(None, ["data.dataset=digits", "data.img_size=8", "model.name=cmhsa3_conv_tiny",
+                           "model.kwargs={patch_size: 2, pixel_dim: 2, depth: 1}", "convert.bias_strength=30",
+                           "convert.null_key=false", "convert.kwargs={drop_path_rate: 0.1}"])
+    attn = convert_model(create_model(model_spec(c), seed=0), **convert_settings(c))
+    assert (attn.config["bias_strength"], attn.config["null_key"], attn.config["drop_path_rate"]) == (30, False, 0.1)
+    for form in ("factorized", "local"):
+        attn = convert_model(create_model(model_spec(c), seed=0), **convert_settings(c.set({"convert.form": form})))
+        assert attn.config["form"] == form
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["pipeline", "--output", str(tmp_path), "--set", "data.datset=digits"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'data.dataset'" in err and "Traceback" not in err
+    assert not (tmp_path / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------- records written by older versions
+
+
+def _old_style(config: RunConfig) -> dict:
+    """A config as versions before RunConfig recorded it: sections as given, no convert.form / qk_dim."""
+    values = config.to_dict()
+    values["train"] = {k: v for k, v in values["train"].items() if k in ("batch_size", "precision", "seed")}
+    for key in ("form", "qk_dim"):
+        values["convert"].pop(key)
+    return values
+
+
+def _grid(tmp_path: Path) -> dict:
+    spec = {"name": "old", "base": str(CONFIGS / "fmnist_tiny.yaml"), "seeds": [0],
+            "common": ["data.dataset=digits", "data.img_size=8", "data.train_subset=null", "train.precision=fp32",
+                       "phase1.epochs=1", "phase1.warmup_epochs=0"],
+            "budgets": {"quick": [], "full": []},
+            "cells": [{"name": "conv", "kind": "train", "overrides": ["model.name=cmhsa3_conv_tiny"]}]}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_experiment(path)
+
+
+def test_old_style_records_still_count_as_finished(tmp_path):
+    spec = _grid(tmp_path)
+    entry = cell_configs(spec, "full", [0], runs_root=tmp_path / "runs")[0]
+    old = _old_style(entry["config"])
+    assert old != entry["config"].to_dict() and recorded_config({"config": old}) == entry["config"]
+    cells = tmp_path / "results" / "old" / "cells"
+    cells.mkdir(parents=True)
+    record = {"cell": "conv", "label": "conv", "kind": "train", "seed": 0, "config": old, "final": {}}
+    (cells / "conv__seed0.json").write_text(json.dumps(record))
+    assert find_finished(entry, tmp_path / "results") == cells / "conv__seed0.json"
+
+    before = (cells / "conv__seed0.json").stat().st_mtime_ns
+    run_experiment(spec, results_root=tmp_path / "results", runs_root=tmp_path / "runs", progress=False)
+    assert (cells / "conv__seed0.json").stat().st_mtime_ns == before and not (tmp_path / "runs").exists()
+
+    # an old record of another learning rate is another run
+    other = dict(record, config={**old, "train": {**old["train"], "lr": 1.0}})
+    assert recorded_config(other) != entry["config"]
+    # an old record with convert.form: the key was ignored then, so it ran the paper form, whatever it says
+    factorized = dict(record, config={**old, "convert": {**old["convert"], "form": "factorized"}})
+    assert recorded_config(factorized) is None

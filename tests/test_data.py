@@ -354,10 +354,13 @@ def test_resize_and_pad(mnist_dir):
         torch.testing.assert_close(same[1][0][0], expected)
 
 
-def test_light_augmentation_is_a_shift_and_flip(mnist_dir):
+@pytest.mark.parametrize("hflip", [None, True, False])
+def test_light_augmentation_is_a_shift_and_flip_where_labels_allow(mnist_dir, hflip):
+    """A padded random crop, mirrored half the time only when asked: by default a digit is never mirrored."""
     folder, _ = mnist_dir
-    aug, _, info = create_datasets("mnist", 32, 1, data_dir=str(folder), augment="light")
+    aug, _, info = create_datasets("mnist", 32, 1, data_dir=str(folder), augment="light", hflip=hflip)
     plain, _, _ = create_datasets("mnist", 32, 1, data_dir=str(folder), augment="none")
+    assert info.hflip is bool(hflip)
     zero = -info.mean[0] / info.std[0]
     torch.manual_seed(0)
     flips = 0
@@ -369,7 +372,23 @@ def test_light_augmentation_is_a_shift_and_flip(mnist_dir):
         flipped = [torch.allclose(y, c.flip(-1)) for c in candidates]
         assert any(matches) or any(flipped), f"item {i} is not a padded crop (or its mirror) of the image"
         flips += not any(matches)
-    assert 0 < flips < 12
+    assert (0 < flips < 12) if hflip else flips == 0
+
+
+def test_flip_default_follows_the_dataset(tmp_path, mnist_dir):
+    """Mirrored clothes and objects keep their labels, mirrored digits do not; DeiT's recipe follows the same rule."""
+    from torchvision.transforms import RandomHorizontalFlip
+    assert dataset_info("digits").hflip is False and dataset_info("mnist", str(mnist_dir[0])).hflip is False
+    make_cifar10(tmp_path / "cifar")
+    assert dataset_info("cifar10", str(tmp_path / "cifar")).hflip is True
+
+    def flips(name, folder, **kw):
+        train, _, _ = create_datasets(name, 32, 3, data_dir=folder, augment="deit", **kw)
+        return any(isinstance(t, RandomHorizontalFlip) and t.p > 0 for t in train.transform.timm_transform.transforms)
+    assert flips("cifar10", str(tmp_path / "cifar")) and not flips("mnist", str(mnist_dir[0]))
+    assert flips("mnist", str(mnist_dir[0]), hflip=True) and not flips("cifar10", str(tmp_path / "cifar"), hflip=False)
+    with pytest.raises(ValueError, match="hflip must be True, False or None"):
+        create_datasets("digits", 8, 1, hflip="no")
 
 
 def test_deit_augmentation_shapes(tmp_path, mnist_dir):

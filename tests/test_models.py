@@ -126,3 +126,27 @@ def test_bad_arguments():
         tiny()(torch.randn(1, 1, 16, 16))
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("cmhsa3_conv_tiny", pretrained=True)
+
+
+@pytest.mark.parametrize("form", ["paper", "factorized", "local"])
+def test_conv_pattern_init_has_the_conversions_attention_but_random_filters(form):
+    """attn_init='conv_pattern': the position biases a converted conv gets (so each head attends to its offset as
+    in the converted model), while the value path stays random (so the function is not the CNN's)."""
+    kw = dict(img_size=16, patch_size=4, in_chans=1, num_classes=5, embed="pixel", pixel_dim=2, depth=2,
+              kernel_size=5, mlp_ratio=2.0, bias_strength=12.0)
+    torch.manual_seed(0)
+    conv_model = CMHSA(mixer="conv", **kw).eval()
+    converted = convert_model(conv_model, bias_strength=12.0, form=form)
+    control = CMHSA(mixer="attn", form=form, attn_init="conv_pattern", **kw).eval()
+    plain = CMHSA(mixer="attn", form=form, **kw).eval()
+    x = torch.randn(3, 1, 16, 16)
+    tokens = control.patch_embed(x)
+    for mine, theirs, random in zip(control.blocks, converted.blocks, plain.blocks):
+        torch.testing.assert_close(mine.mixer.rel_pos_bias, theirs.mixer.rel_pos_bias)
+        if form != "local":  # the converted heads look only at their offsets; so do the control's
+            a, b = mine.mixer.attention_probs(tokens), theirs.mixer.attention_probs(tokens)
+            assert (a - b).abs().max() < 0.05 and (random.mixer.attention_probs(tokens) - b).abs().max() > 0.5
+    with torch.no_grad():
+        assert (control(x) - conv_model(x)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="conv_pattern"):
+        CMHSA(mixer="conv", attn_init="conv_pattern", **kw)

@@ -233,10 +233,11 @@ def test_cli_convert_net_strict_fails_with_reason(tmp_path, capsys):
     assert code == 2 and "feature map 8x8 not divisible by P = 3" in capsys.readouterr().err
 
 
-def test_conv_attention_mass_is_one_at_conversion_and_drops_when_attention_moves():
+@pytest.mark.parametrize("form", ["paper", "factorized"])
+def test_conv_attention_mass_is_one_at_conversion_and_drops_when_attention_moves(form):
     torch.manual_seed(0)
     net = SmallNet()
-    twin, _ = convert_network(net, layers=["grouped", "big_dw"], img_size=12, verify=False)
+    twin, _ = convert_network(net, layers=["grouped", "big_dw"], img_size=12, verify=False, form=form)
     x = torch.randn(2, 3, 12, 12)
     mass = conv_attention_mass(twin, x)
     assert set(mass) == {"grouped", "big_dw"} and all(m > 1 - 1e-6 for m in mass.values())

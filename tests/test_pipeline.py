@@ -184,3 +184,9 @@ def test_resume_refuses_a_changed_config_and_changes_nothing(run, capsys):
     assert "convert.bias_strength: 60.0 -> 10.0" in err and "data.train_subset: None -> 300" in err
     assert "--no-resume" in err and "--output" in err
     assert {f: (out / f).read_bytes() for f in files} == before
+
+
+def test_data_hflip_reaches_the_training_transform():
+    for setting, expected in (("null", False), ("true", True)):  # digits: no flip unless asked
+        config = load_config(None, TINY + [f"data.hflip={setting}"])
+        assert build_loaders(config, 8, 1)[0].dataset.transform.hflip is expected

@@ -3,7 +3,8 @@ from .tokens import image_to_tokens, tokens_to_image
 from .attention import FactorizedRelPosMHSA, RelPosMHSA
 from .local_attention import LocalRelPosMHSA
 from .anchor import PolyphaseAnchor
-from .convert import DEFAULT_BIAS_STRENGTH, VerifyReport, conv_to_mhsa, required_heads, verify
+from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
+from .exactness import VerifyReport, verify
 from .bounds import best_fit_error, best_fit_errors, head_lower_bound
 from .models import CMHSA, convert_model, transfer_error, with_img_size
 from .forms import convert_form

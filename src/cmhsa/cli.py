@@ -99,7 +99,7 @@ def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .convert import verify
+    from .exactness import verify
 
     conv = _build_conv(args)  # checks the convolution's flags first
     if len(args.image_size) > 2 or min(args.image_size) < 1:

@@ -21,7 +21,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Sequence, Tuple, Union
+from typing import Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -74,6 +74,10 @@ _IDX_CLASSES = {
     "mnist": tuple(str(d) for d in range(10)),
 }
 _TORCHVISION_FOLDER = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
+# Whether a mirrored image keeps its label, which decides the default of the horizontal flip: a mirrored digit is
+# another symbol (or none). An image folder can hold anything; flipping is the usual default, data.hflip overrides it.
+_HFLIP_KEEPS_LABEL = {"fashion_mnist": True, "mnist": False, "cifar10": True, "cifar100": True, "imagefolder": True,
+                      "digits": False}
 
 _STAT_SAMPLE = 2000  # image-folder statistics use this many evenly spaced training images, not all of them
 
@@ -89,7 +93,8 @@ class DatasetInfo:
     """What a model and a training report need to know about a dataset.
 
     ``mean``/``std`` are per channel, for pixel values scaled to [0, 1]; ``native_size`` is ``(H, W)`` of the
-    stored images (for ``imagefolder``: of the first training image).
+    stored images (for ``imagefolder``: of the first training image); ``hflip`` whether a horizontally mirrored
+    image keeps its label (False for digits), the default of the training augmentation's flip.
     """
 
     name: str
@@ -99,6 +104,7 @@ class DatasetInfo:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     classes: Tuple[str, ...]
+    hflip: bool = True
 
 
 @dataclass
@@ -194,13 +200,14 @@ def _fit(x: torch.Tensor, size: Tuple[int, int], resize: str) -> torch.Tensor:
     return F.pad(x, (left, right, top, bottom))
 
 
-def _random_crop_flip(x: torch.Tensor, padding: int) -> torch.Tensor:
-    """Random crop of the zero-padded image back to its size, then a horizontal flip with probability 1/2."""
+def _random_crop_flip(x: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor:
+    """Random crop of the zero-padded image back to its size, then (if ``hflip``) a horizontal flip with
+    probability 1/2."""
     h, w = x.shape[-2:]
     x = F.pad(x, (padding, padding, padding, padding))
     top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
     x = x[:, top:top + h, left:left + w]
-    return x.flip(-1) if torch.rand(()) < 0.5 else x
+    return x.flip(-1) if hflip and torch.rand(()) < 0.5 else x
 
 
 class _TensorTransform:
@@ -210,11 +217,12 @@ class _TensorTransform:
     """
 
     def __init__(self, img_size: Tuple[int, int], in_chans: int, mean: Sequence[float], std: Sequence[float],
-                 resize: str, light: bool):
+                 resize: str, light: bool, hflip: bool = False):
         self.img_size = img_size
         self.in_chans = in_chans
         self.resize = resize
         self.light = light
+        self.hflip = hflip
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -225,7 +233,7 @@ class _TensorTransform:
         x = _fit(x, self.img_size, self.resize)
         if self.light:
             # Padding of 1/8 of the side: the classic 4 pixels at 32x32.
-            x = _random_crop_flip(x, padding=max(1, min(self.img_size) // 8))
+            x = _random_crop_flip(x, padding=max(1, min(self.img_size) // 8), hflip=self.hflip)
         return (x - self.mean) / self.std
 
 
@@ -248,12 +256,13 @@ class _DeitTransform:
     """
 
     def __init__(self, img_size: Tuple[int, int], in_chans: int, mean: Sequence[float], std: Sequence[float],
-                 pad: bool):
+                 pad: bool, hflip: bool):
         self.img_size = img_size
         self.mode = "L" if in_chans == 1 else "RGB"
         self.pad = pad
         self.timm_transform = create_transform(
-            img_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel",
+            img_size, is_training=True, hflip=0.5 if hflip else 0.0, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+            re_mode="pixel",
             interpolation="bicubic", mean=tuple(mean), std=tuple(std),
         )
         for step in self.timm_transform.transforms:
@@ -576,7 +585,7 @@ def _info(name: str, raw: _Raw) -> DatasetInfo:
             native_size = (image.height, image.width)
             chans = 1 if Image.getmodebase(image.mode) == "L" else 3
     mean, std = _stats(name, raw, chans)
-    return DatasetInfo(name, len(raw.classes), chans, native_size, mean, std, raw.classes)
+    return DatasetInfo(name, len(raw.classes), chans, native_size, mean, std, raw.classes, _HFLIP_KEEPS_LABEL[name])
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -650,8 +659,8 @@ def _make_dataset(source: Source, labels: np.ndarray, indices: np.ndarray | None
 
 def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str | None = None,
                     train_subset: Union[int, float, None] = None, val_subset: Union[int, float, None] = None,
-                    augment: str = "light", resize: str = "pad",
-                    seed: int = 0) -> Tuple[Dataset, Dataset, DatasetInfo]:
+                    augment: str = "light", resize: str = "pad", seed: int = 0,
+                    hflip: Optional[bool] = None) -> Tuple[Dataset, Dataset, DatasetInfo]:
     """Training and validation datasets of ``name``, plus their :class:`DatasetInfo`.
 
     Items are ``(image, label)``: ``image`` a float tensor ``(in_chans, H, W)`` with ``(H, W) = img_size``,
@@ -664,8 +673,10 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
       images. Augmentation randomness comes from the loader (see :func:`create_loader`).
     - ``augment`` (training only; validation never augments): ``"none"``; ``"light"``: random crop of the
       image zero-padded by 1/8 of its side, plus horizontal flip; ``"deit"``: DeiT's recipe through timm
-      (RandAugment rand-m9-mstd0.5-inc1, random resized crop, bicubic, random erasing 0.25 in pixel mode).
-      Mixup/cutmix belong to the training loop, not here.
+      (RandAugment rand-m9-mstd0.5-inc1, random resized crop, horizontal flip, bicubic, random erasing 0.25 in
+      pixel mode). Mixup/cutmix belong to the training loop, not here.
+    - ``hflip``: whether the augmentations flip horizontally; None (default) flips only datasets whose mirrored
+      images keep their labels (:attr:`DatasetInfo.hflip`: not ``mnist`` or ``digits``).
     - ``resize``: ``"pad"`` centres the image in a zero border (an error if it is larger than ``img_size``);
       ``"resize"`` resizes bicubically. Images already at ``img_size`` are left alone.
     - ``in_chans``: 1 or 3. Grey images become RGB by repetition (mean/std repeated); RGB images become grey by
@@ -701,15 +712,18 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
 
     train_indices = None if train_subset is None else stratified_subset(raw.train_labels, train_subset, seed)
     val_indices = None if val_subset is None else stratified_subset(raw.val_labels, val_subset, seed=0)
+    if hflip is not None and not isinstance(hflip, bool):
+        raise ValueError(f"hflip must be True, False or None (the dataset's default), got {hflip!r}")
+    flip = info.hflip if hflip is None else hflip
     if augment == "deit":
-        train_transform = _DeitTransform(size, in_chans, mean, std, pad=resize == "pad")
+        train_transform = _DeitTransform(size, in_chans, mean, std, pad=resize == "pad", hflip=flip)
     else:
-        train_transform = _TensorTransform(size, in_chans, mean, std, resize, light=augment == "light")
+        train_transform = _TensorTransform(size, in_chans, mean, std, resize, light=augment == "light", hflip=flip)
     val_transform = _TensorTransform(size, in_chans, mean, std, resize, light=False)
 
     train = _make_dataset(raw.train, raw.train_labels, train_indices, info.classes, in_chans, train_transform)
     val = _make_dataset(raw.val, raw.val_labels, val_indices, info.classes, in_chans, val_transform)
-    return train, val, replace(info, in_chans=in_chans, mean=tuple(mean), std=tuple(std))
+    return train, val, replace(info, in_chans=in_chans, mean=tuple(mean), std=tuple(std), hflip=flip)
 
 
 def create_loader(dataset: Dataset, batch_size: int, training: bool, num_workers: int = 0, seed: int = 0,

@@ -47,8 +47,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from .attention import RelPosAttention
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRECISIONS, TrainConfig
+from .models import CMHSA
 from .rundir import PhaseDir
 
 __all__ = [
@@ -121,9 +123,6 @@ def cpu_auto_precision(bf16_support: str, model: Optional[nn.Module]) -> str:
     form was not measured and counts as the conv phase); everything else fp32.
     A model of unknown class (or none) gets fp32, which is never slower than a bf16 guess.
     """
-    from .attention import RelPosAttention
-    from .models import CMHSA
-
     model = unwrap_model(model) if model is not None else None
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     if bf16_support == "none" or not isinstance(model, CMHSA):

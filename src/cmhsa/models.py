@@ -115,7 +115,10 @@ class CMHSA(nn.Module):
     ``kernel_size`` conv reaches: no parameter depends on the grid, see :func:`with_img_size`).
     ``padding_mode='circular'`` pads the conv mixers circularly and makes the attention's relative offsets wrap
     around the grid (what the conversion of a circular conv gives), in every form; ``anchor='aps'`` anchors the
-    patch grid adaptively (:class:`PatchEmbed`).
+    patch grid adaptively (:class:`PatchEmbed`). ``attn_init='conv_pattern'`` starts an attention model's position
+    biases where the conversion of a ``kernel_size`` conv puts them (``bias_strength`` on each head's offset, the
+    null key at half of it) with every weight random: the attention structure of a converted CNN without its
+    filters, a control for what phase 1 contributes.
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class CMHSA(nn.Module):
             qk_dim: Optional[int] = None,
             anchor: Optional[str] = None,
             padding_mode: str = "zeros",
+            attn_init: str = "random",
             **kwargs,
     ):
         super().__init__()
@@ -160,6 +164,9 @@ class CMHSA(nn.Module):
         if padding_mode not in ("zeros", "circular"):
             raise ValueError(f"padding_mode must be 'zeros' or 'circular' (the padding the conv mixers use and the "
                              f"attention mixers reproduce), got {padding_mode!r}")
+        if attn_init not in ("random", "conv_pattern") or (attn_init == "conv_pattern" and mixer != "attn"):
+            raise ValueError(f"attn_init must be 'random', or 'conv_pattern' for an attention model (mixer='attn'), "
+                             f"got {attn_init!r} with mixer={mixer!r}")
         # the paper fixes the patch projection to the identity in the convolution phase only
         fix_embed = (mixer == "conv") if fix_embed is None else fix_embed
         self.config: Dict[str, Any] = dict(
@@ -168,7 +175,7 @@ class CMHSA(nn.Module):
             head_dim=head_dim, mlp_ratio=mlp_ratio, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate, bias_strength=bias_strength,
             null_key=null_key, fix_embed=fix_embed, form=form, qk_dim=qk_dim, anchor=anchor,
-            padding_mode=padding_mode,
+            padding_mode=padding_mode, attn_init=attn_init,
         )
         self.num_classes = num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed, pixel_dim, fix_proj=fix_embed,
@@ -200,6 +207,8 @@ class CMHSA(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        if attn_init == "conv_pattern":
+            self._init_conv_pattern()
 
     def _init_weights(self, m: nn.Module) -> None:
         # timm's ViT init for linear layers; the identity patch projection is left as it is
@@ -207,6 +216,19 @@ class CMHSA(nn.Module):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def _init_conv_pattern(self) -> None:
+        # the biases conv_to_mhsa gives any conv of this geometry: they depend on its offsets, not on its weights
+        c = self.config
+        conv = nn.Conv2d(self.patch_embed.pixel_dim, self.patch_embed.pixel_dim, c["kernel_size"], padding="same",
+                         padding_mode=c["padding_mode"])
+        pattern = conv_to_mhsa(conv, self.patch_embed.patch_size, self.patch_embed.grid_size, c["bias_strength"],
+                               c["null_key"], num_heads=self.num_heads, form=c["form"], qk_dim=c["qk_dim"])
+        for block in self.blocks:
+            block.mixer.rel_pos_bias.copy_(pattern.rel_pos_bias)
+            if c["null_key"]:
+                block.mixer.null_bias.copy_(pattern.null_bias)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -249,7 +271,7 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
-                 "num_classes", "head_dim", "mixer", "form", "qk_dim", "anchor", "padding_mode"} & set(overrides)
+                 "num_classes", "head_dim", "mixer", "form", "qk_dim", "anchor", "padding_mode", "attn_init"} & set(overrides)
     if forbidden:
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,

@@ -26,6 +26,7 @@ from timm.models import register_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from .convert import DEFAULT_BIAS_STRENGTH, FORMS, conv_geometry, conv_to_mhsa
+from .attention import RelPosAttention
 from .tokens import IntOrPair, image_to_tokens, to_pair, tokens_to_image
 
 __all__ = ["ConvAsAttention", "convert_network", "format_table", "conv_attention_mass", "attention_twin"]
@@ -331,13 +332,13 @@ def _conv_keys(layer: ConvAsAttention) -> torch.Tensor:
 
 @torch.no_grad()
 def conv_attention_mass(model: nn.Module, images: torch.Tensor) -> Dict[str, float]:
-    """Per converted layer with a RelPosMHSA (null key), the mean attention weight each head puts on the key its
-    convolution reads (the neighbour at its offset, or the null key where that falls off the grid), over images,
-    queries and heads; 1 at conversion, lower as fine-tuning moves attention away from the convolution."""
-    from .attention import RelPosMHSA
-
+    """Per converted layer with a global attention form (paper or factorized, zero padding, null key), the mean
+    attention weight each head puts on the key its convolution reads (the neighbour at its offset, or the null key
+    where that falls off the grid), over images, queries and heads; 1 at conversion, lower as fine-tuning moves
+    attention away from the convolution."""
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, ConvAsAttention) and type(m.attn) is RelPosMHSA and m.attn.null_key}
+              if isinstance(m, ConvAsAttention) and isinstance(m.attn, RelPosAttention) and m.attn.null_key
+              and not m.attn.circular}
     inputs: Dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
              for n, m in layers.items()]

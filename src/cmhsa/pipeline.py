@@ -33,7 +33,7 @@ def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[Da
     d = config.data
     train_set, val_set, info = cmdata.create_datasets(
         d.dataset, img_size=d.img_size, in_chans=in_chans, data_dir=d.data_dir, train_subset=d.train_subset,
-        val_subset=d.val_subset, augment=d.augment, resize=d.resize, seed=config.train.seed,
+        val_subset=d.val_subset, augment=d.augment, resize=d.resize, seed=config.train.seed, hflip=d.hflip,
     )
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     train = cmdata.create_loader(train_set, batch_size, training=True, num_workers=d.num_workers,

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..models import CMHSA
+from ..network import ConvAsAttention, conv_attention_mass
 from ..pipeline import load_model, run_config_path, spec_label
 from ..provenance import git_state
 from ..rundir import PhaseDir, RunDir
@@ -141,6 +142,9 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
         result["remaining_convolution_over_checkpoints"] = records
         files.append(plot_remaining_convolution(records, out_dir / "remaining_convolution.png", title=title))
 
+    if any(isinstance(m, ConvAsAttention) for m in model.modules()):  # an attention twin of a CNN
+        result["conv_attention_mass"] = conv_attention_mass(model, torch.cat([_to_model(model, b[0]) for b in batches]))
+
     self_cka = cka_matrix(model, None, batches)
     result["cka_self"] = self_cka
     files.append(plot_cka(self_cka, out_dir / "cka_self.png", labels=(title, title), title="CKA within the model"))
@@ -180,6 +184,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         rc = result["remaining_convolution"]
         lines.append(f"remaining convolution: offset mass {rc['offset_mass']:.3f}, positional share "
                      f"{rc['positional_share']:.3f}, conv projection error {rc['conv_projection_error']:.3e}")
+    if "conv_attention_mass" in result:
+        lines.append("attention on the converted convolution's keys per layer: "
+                     + ", ".join(f"{n} {m:.3f}" for n, m in result["conv_attention_mass"].items()))
     for mode, curve in result["shift_consistency"].items():
         lines.append(f"shift consistency ({mode}): " + ", ".join(f"{s}px {v:.3f}" for s, v in curve.items()))
     lines.append(f"written: {', '.join(result['files'])}")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import matplotlib
 
@@ -37,6 +37,17 @@ def shift_images(images: torch.Tensor, dy: int, dx: int, mode: str = "circular",
 
 
 @torch.no_grad()
+def _default_shifts(model: nn.Module) -> List[int]:
+    if hasattr(model, "patch_embed"):
+        return list(range(1, _patch_size(model)[0] + 1))
+    info = getattr(model, "feature_info", None)
+    if not info:
+        raise ValueError(f"{type(model).__name__} has neither patch_embed.patch_size nor timm's feature_info; pass "
+                         f"shifts= explicitly")
+    stride = max(f["reduction"] for f in info)  # a shift by the total stride moves whole output cells
+    return [2 ** i for i in range(stride.bit_length()) if 2 ** i <= stride]
+
+
 def shift_consistency(model: nn.Module, data: Data, shifts: Optional[Iterable[int]] = None, mode: str = "circular",
                       max_batches: Optional[int] = None,
                       directions: Sequence[Tuple[int, int]] = ((1, 1),),
@@ -46,11 +57,10 @@ def shift_consistency(model: nn.Module, data: Data, shifts: Optional[Iterable[in
     Shift s moves the image by ``(s * dy, s * dx)`` pixels for every ``(dy, dx)`` in ``directions`` (default: the
     diagonal, s pixels down and right, one forward pass per shift; add ``(0, 1), (1, 0)`` for the axes); the
     fraction is over images and directions. ``shifts`` defaults to ``1..P`` for
-    patch size P (a shift of P moves whole patches). Works for any classifier returning (B, classes) logits.
+    patch size P (a shift of P moves whole patches), and for a timm CNN to the powers of 2 up to its total stride.
+    Works for any classifier returning (B, classes) logits.
     """
-    if shifts is None:
-        shifts = range(1, _patch_size(model)[0] + 1)
-    shifts = [int(s) for s in shifts]
+    shifts = [int(s) for s in (_default_shifts(model) if shifts is None else shifts)]
     same = {s: 0 for s in shifts}
     total = 0
     with _eval_mode(model):

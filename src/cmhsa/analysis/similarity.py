@@ -18,11 +18,16 @@ __all__ = ["layer_features", "hsic_unbiased", "cka", "cka_matrix", "plot_cka"]
 
 
 def _blocks(model: nn.Module) -> List[nn.Module]:
+    """The layers whose outputs are compared: a transformer's ``blocks``, else the stages a timm CNN's
+    ``feature_info`` names (the maps its feature pyramid taps; also those of an attention twin of it)."""
     blocks = getattr(model, "blocks", None)
-    if blocks is None or not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        raise ValueError(f"{type(model).__name__} has no .blocks (Sequential/ModuleList); pass layers=[modules] "
-                         f"whose outputs are the features to compare")
-    return list(blocks)
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        return list(blocks)
+    info = getattr(model, "feature_info", None)
+    if info:
+        return [model.get_submodule(f["module"]) for f in info if f.get("module")]
+    raise ValueError(f"{type(model).__name__} has neither .blocks (Sequential/ModuleList) nor timm's feature_info; "
+                     f"pass layers=[modules] whose outputs are the features to compare")
 
 
 @torch.no_grad()

@@ -59,6 +59,11 @@ def test_runner_writes_cells_skips_finished_and_reports(tmp_path):
     assert "cpu" in two["hardware"] and two["train_seconds"] > 0
     # scored once more on the whole test split: digits holds out 359 of its 1,797 images
     assert all(c["test"]["images"] == 359 and 0 <= c["test"]["top1"] <= 100 for c in cells)
+    # shift consistency per shift of 1..P pixels (P = 2 here), both fills, as fractions of the images
+    for c in cells:
+        assert set(c["test"]["shift_consistency"]) == {"circular", "zero"}
+        assert all(list(curve) == ["1", "2"] and all(0 <= v <= 1 for v in curve.values())
+                   for curve in c["test"]["shift_consistency"].values())
     assert two["git"]["commit"] is None or len(two["git"]["commit"]) == 40
     assert list(runs.rglob("model.safetensors")) and not list(results.rglob("*.safetensors"))  # checkpoints stay out
 
@@ -305,3 +310,23 @@ def test_report_forms_section_judges_the_gap_against_two_standard_errors(tmp_pat
     assert "| CMHSA-5, factorized form | 81.50 ± 0.58 (3) | 3.0 | 0.00M |" in report
     # gap +0.50, 2 SE = 2 * sqrt(1/3 + 1/3) = 1.63: within the noise
     assert "Factorized − paper form: +0.50 points on the full test set (2 SE ±1.63): within the noise" in report
+
+
+def test_report_converged_conversion_drop_and_shift_table(tmp_path):
+    """Two-phase rows report the top-1 change at conversion against the 1-point target; rows with shift
+    consistency get its smallest and largest shift, both fills."""
+    results = tmp_path / "results"
+    for seed, (before, after) in enumerate([(80.0, 79.5), (81.0, 80.8), (79.0, 77.5)]):
+        _converged_cell(results, "Two-phase, our recipe", 2000, seed, 85.0, [80.0] * 10)
+        path = results / "converged" / "cells" / f"Two-phase, our recipe_n2000__seed{seed}.json"
+        record = json.loads(path.read_text())
+        record["transfer"] = {"val_before_conversion": {"val_top1": before}, "val_after_conversion": {"top1": after}}
+        record["test"]["shift_consistency"] = {"circular": {"1": 0.9, "2": 0.8, "4": 0.7 + seed / 100},
+                                               "zero": {"1": 0.95, "2": 0.9, "4": 0.85}}
+        path.write_text(json.dumps(record))
+    report = write_report(results, configs=GRIDS).read_text()
+    # drops -0.5, -0.2, -1.5: mean -0.73, one beyond a point
+    assert "- Two-phase, our recipe: val top-1 right after conversion − end of phase 1: -0.73 ± 0.68 points over " \
+        "3 runs — **not** within 1 point in every run." in report
+    assert "| row | circular 1 px | circular 4 px | zero 1 px | zero 4 px |" in report
+    assert "| Two-phase, our recipe | 0.900 ± 0.000 | 0.710 ± 0.010 | 0.950 ± 0.000 | 0.850 ± 0.000 |" in report

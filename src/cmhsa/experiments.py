@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 import yaml
 
+from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .config import RunConfig, load_config, parse_overrides
 from .engine import evaluate, resolve_device, resolve_precision
@@ -130,16 +131,24 @@ def hardware() -> Dict[str, Any]:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+SHIFT_BATCHES = 8  # shift consistency on the first 8 x 256 test images: ~1% of a cell's time
+
+
 def _test_metrics(config: RunConfig, run: Path) -> Dict[str, Any]:
-    """The run's final weights scored on the dataset's whole test split (``data.val_subset`` lifted)."""
+    """The run's final weights scored on the dataset's whole test split (``data.val_subset`` lifted), and the
+    shift consistency of its predictions (circular and black-filled shifts, see :func:`cmhsa.analysis.shift_consistency`)
+    on the first test images."""
     model, spec, _ = load_model(run, which="last")
     full = config.set({"data.val_subset": None})
     cfg = full.phase_config("phase1", spec["kwargs"]["num_classes"])
     device = resolve_device(cfg)
-    _, test_loader, _ = build_loaders(full, 256, spec["kwargs"]["in_chans"])
+    _, test_loader, info = build_loaders(full, 256, spec["kwargs"]["in_chans"])
     metrics = evaluate(model.to(device), test_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)
-    return {**metrics, "images": len(test_loader.dataset)}
+    black = [-m / s for m, s in zip(info.mean, info.std)]
+    shift = {mode: shift_consistency(model.float(), test_loader, mode=mode, fill=black, max_batches=SHIFT_BATCHES)
+             for mode in ("circular", "zero")}
+    return {**metrics, "images": len(test_loader.dataset), "shift_consistency": shift}
 
 
 def _can_resume(run: RunDir, config: RunConfig) -> bool:

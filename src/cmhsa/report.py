@@ -220,6 +220,39 @@ def _table1_bars(test: Dict[str, Dict[int, List[float]]], paper_rows: Dict[str, 
     plt.close(fig)
 
 
+def _conversion_drops(cells: List[dict], labels: List[str]) -> List[str]:
+    """Per two-phase row: val top-1 right after conversion minus at the end of phase 1 (target: within 1 point)."""
+    drops: Dict[str, List[float]] = defaultdict(list)
+    for c in cells:
+        t = c.get("transfer") or {}
+        if "val_after_conversion" in t:
+            drops[c["label"]].append(t["val_after_conversion"]["top1"] - t["val_before_conversion"]["val_top1"])
+    return [f"- {label}: val top-1 right after conversion − end of phase 1: {_fmt(drops[label])} points over "
+            f"{len(drops[label])} runs — {'within' if max(map(abs, drops[label])) <= 1 else '**not** within'} "
+            f"1 point in every run." for label in labels if label in drops]
+
+
+def _shift_table(cells: List[dict], labels: List[str], size: int) -> List[str]:
+    """Shift consistency (fraction of unchanged predictions) at the smallest and largest shift, per row."""
+    curves: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        shift = c["test"].get("shift_consistency")
+        if shift and c["config"]["data"]["train_subset"] == size:
+            for mode, curve in shift.items():
+                ends = sorted(curve, key=int)
+                for s in (ends[0], ends[-1]):
+                    curves[c["label"]][f"{mode} {s} px"].append(curve[s])
+    if not curves:
+        return []
+    columns = list(dict.fromkeys(k for per in curves.values() for k in per))
+    rows = [f"Shift consistency at {size} images (fraction of the first test images whose prediction a shift leaves "
+            f"unchanged; circular shifts wrap, zero-filled ones bring in black):", "",
+            "| row | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    rows += [f"| {label} | " + " | ".join(_fmt(curves[label][k], 3) if k in curves[label] else "—" for k in columns)
+             + " |" for label in labels if label in curves]
+    return rows + [""]
+
+
 def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
     cells = read_cells(grid)
     spec = load_experiment(config) if config.exists() else {"cells": []}
@@ -254,7 +287,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         "Test top-1 on the full 10,000-image test set, mean ± standard error (seeds). Every row gets the same number "
         "of optimizer steps whatever the subset size; the last column is the largest val top-1 gain over the last "
         "20% of training among a row's runs (⚠: not plateaued by the 1-point rule).", "", *rows, "",
-        *_converged_claims(test), "",
+        *_converged_claims(test), "", *_conversion_drops(cells, labels), "", *_shift_table(cells, labels, middle),
         ("Every run plateaued by the rule." if not unplateaued else
          "Not plateaued (last 20% added ≥ 1 point): " + ", ".join(unplateaued) + "."), "",
         f"![accuracy against wall-clock]({grid.name}/wall_clock.png) ![Table 1 bars]({grid.name}/table1_bars.png)",

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,26 +34,36 @@ def _phase2_epochs_done(run: Path) -> int:
     return len(PhaseDir(run / "phase2").read_metrics())
 
 
+# `cmhsa pipeline` that SIGKILLs itself at the 5th optimizer step after phase 2's first checkpoint exists: in the
+# middle of phase 2's second epoch, whatever the machine's speed (a timed kill raced fast machines to the end)
+KILL_MID_EPOCH = """
+import os, pathlib, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from cmhsa.cli import main
+checkpoint = pathlib.Path(sys.argv[1]) / "phase2" / "last" / "state.pt"
+steps = []
+def kill_mid_epoch(optimizer, args, kwargs):
+    if checkpoint.exists():
+        steps.append(1)
+        if len(steps) == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+register_optimizer_step_post_hook(kill_mid_epoch)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_sigkill_in_phase2_then_rerun_equals_an_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     run_pipeline(load_config(None, TINY + [f"output={straight}"]), progress=False)
 
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "cmhsa", "pipeline", "--output", str(killed), "--set", *TINY]
+    args = ["pipeline", "--output", str(killed), "--set", *TINY]
+    cmd = [sys.executable, "-m", "cmhsa", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        # phase 2's first epoch is checkpointed: the process is now inside its second epoch
-        deadline = time.monotonic() + 120
-        while not (killed / "phase2" / "last" / "state.pt").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "phase 2 never checkpointed"
-            time.sleep(0.02)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert _phase2_epochs_done(killed) < 3  # killed before the end, mid-epoch
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_EPOCH, str(killed), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _phase2_epochs_done(killed) == 1  # killed inside the second epoch
 
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -49,6 +49,7 @@ def test_conversion_is_exact_and_keeps_accuracy(run):
     t = json.loads((out / "convert.json").read_text())
     assert t["float64"]["logits_error"] <= 1e-8
     assert t["float32"]["logits_relative_error"] <= 1e-4
+    assert t["git"] == git_state() == json.loads((out / "summary.json").read_text())["git"]
     n_val = 359  # digits' fixed 20% split
     assert abs(t["val_after_conversion"]["top1"] - t["val_before_conversion"]["val_top1"]) <= 100 / n_val + 1e-6
 

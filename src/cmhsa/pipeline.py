@@ -22,6 +22,7 @@ from .engine import (all_ranks_agree, evaluate, fit, init_distributed, is_main_p
                      resolve_precision, seed_everything)
 from .models import CMHSA, convert_model, transfer_error
 from .plots import plot_curves
+from .provenance import git_state
 from .rundir import PhaseDir, RunDir
 
 __all__ = ["build_loaders", "create_model", "model_spec", "converted_spec", "spec_label", "convert_settings",
@@ -183,7 +184,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         transfer["val_after_conversion"] = after
         transfer["val_before_conversion"] = {k: phase1[k] for k in ("val_loss", "val_top1", "val_top5")}
         if is_main_process():
-            run.write_json(run.convert_path, transfer)
+            run.write_json(run.convert_path, {**transfer, "git": git_state()})
         if progress and is_main_process():
             print(f"converted phase 1 -> phase 2: logits error float64 {transfer['float64']['logits_error']:.2e}, "
                   f"float32 {transfer['float32']['logits_error']:.2e}; val top-1 {phase1['val_top1']:.2f} -> "
@@ -218,7 +219,7 @@ def _summarize(config: RunConfig, run: RunDir, phase1, phase2, transfer, conv_mo
         "name": config.name, "dataset": config.data.dataset, "train_subset": config.data.train_subset,
         "phase1": _phase_row(run.phase("phase1"), phase1, count(conv_model)),
         "phase2": _phase_row(run.phase("phase2"), phase2, count(attn_model)),
-        "transfer": transfer,
+        "transfer": transfer, "git": git_state(),  # the code that wrote this summary
     }
 
 

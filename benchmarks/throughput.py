@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cmhsa  # noqa: F401  (registers the CMHSA models)
 from cmhsa.engine import resolve_precision
+from cmhsa.provenance import git_state
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (M, K, N) of the peak GEMMs: square, and the tall-skinny shapes a transformer's linear layers have
@@ -171,7 +172,7 @@ def main() -> None:
     print(ratios(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"git": git_state(), "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

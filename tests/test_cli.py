@@ -36,6 +36,17 @@ def test_verify_without_null_key_shows_border_error(capsys):
     assert number_after("border", out) > 1e-3 > number_after("interior", out)
 
 
+@pytest.mark.parametrize("form", ["paper", "factorized", "local"])
+def test_verify_circular_padding_is_exact_without_a_null_key(capsys, form):
+    """Circular padding wraps offsets around the grid: no border, so no null key is needed (3x3 grid, 5x5 kernel
+    on P = 2: the reach of 2 patches aliases around the grid)."""
+    code, out, _ = run(capsys, "verify", "--kernel-size", "5", "--patch-size", "2", "--in-chans", "2",
+                       "--out-chans", "2", "--image-size", "6", "--padding-mode", "circular", "--no-null-key",
+                       "--form", form)
+    assert code == 0 and "padding_mode=circular" in out
+    assert number_after("max \\|error\\|", out) < 1e-9
+
+
 def test_bounds_table(capsys):
     code, out, _ = run(capsys, "bounds", "--kernel-size", "3", "--patch-size", "1", "--in-chans", "2",
                        "--out-chans", "2")

@@ -26,6 +26,9 @@ def _add_conv_args(p: argparse.ArgumentParser) -> None:
                    help="stride; must divide the patch size; output tokens then hold (P/stride)^2*C_out values")
     g.add_argument("--groups", type=int, default=1, help="channel groups; --groups C_in is depthwise (default: 1)")
     g.add_argument("--no-bias", action="store_true", help="convolution without bias")
+    g.add_argument("--padding-mode", choices=["zeros", "circular"], default="zeros",
+                   help="the convolution's padding: zeros (the null key reproduces the border) or circular "
+                        "(offsets wrap around the grid; no border) (default: zeros)")
     g.add_argument("--weights", type=Path, default=None,
                    help="load the kernel (C_out, C_in/groups, KH, KW) from a .safetensors or .pt file instead; "
                         "sizes are then read from it")
@@ -44,6 +47,8 @@ def _add_form_args(p: argparse.ArgumentParser) -> None:
                         "paper's heads over the kernel's window of offsets; runs at any image size) (default: paper)")
     p.add_argument("--qk-dim", type=int, default=None,
                    help="Q/K head size of the factorized form (default: token width // heads)")
+
+
 def _check_conv_args(args: argparse.Namespace) -> None:
     """Flag-level checks, so that a bad value is named by its flag instead of failing deep inside torch."""
     if len(args.kernel_size) > 2 or min(args.kernel_size) < 1:
@@ -74,7 +79,8 @@ def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
         kernel = (k[0], k[0]) if len(k) == 1 else (k[0], k[1])
         padding = "same" if args.stride == 1 else tuple(args.dilation * (s - 1) // 2 for s in kernel)
         return nn.Conv2d(args.in_chans, args.out_chans, kernel, stride=args.stride, padding=padding,
-                         dilation=args.dilation, groups=args.groups, bias=not args.no_bias)
+                         dilation=args.dilation, groups=args.groups, bias=not args.no_bias,
+                         padding_mode=args.padding_mode)
     tensors = _load_tensors(args.weights)
     kernels = {k: v for k, v in tensors.items() if v.ndim == 4}
     if args.key is None and len(kernels) != 1:
@@ -90,7 +96,8 @@ def _build_conv(args: argparse.Namespace) -> nn.Conv2d:
         raise ValueError(f"--groups {args.groups} must divide the kernel's C_out {c_out} ({key} in {args.weights})")
     padding = "same" if args.stride == 1 else (args.dilation * (kh - 1) // 2, args.dilation * (kw - 1) // 2)
     conv = nn.Conv2d(c_in_group * args.groups, c_out, (kh, kw), stride=args.stride, padding=padding,
-                     dilation=args.dilation, groups=args.groups, bias=bias is not None, dtype=torch.float64)
+                     dilation=args.dilation, groups=args.groups, bias=bias is not None, dtype=torch.float64,
+                     padding_mode=args.padding_mode)
     with torch.no_grad():
         conv.weight.copy_(weight)
         if bias is not None:

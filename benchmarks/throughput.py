@@ -132,7 +132,26 @@ def ratios(rows) -> str:
         lines.append(f"| each at auto | {f['images_per_second'] / at_auto[paper]['images_per_second']:.2f}x | "
                      f"{f['images_per_second'] / at_auto[conv]['images_per_second']:.2f}x | "
                      f"{f['gflop_per_image'] / at_auto[vit]['gflop_per_image']:.2f}x |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + targets(by, names, precisions))
+
+
+# the factorized form's targets: (what, numerator row, denominator row, metric, bound, at least?)
+TARGETS = [("factorized / paper training img/s", 2, 1, "images_per_second", 2.5, True),
+           ("stretch: factorized / conv-phase training img/s", 2, 0, "images_per_second", 0.5, True),
+           ("factorized / ViT training GFLOP per image", 2, 3, "gflop_per_image", 1.5, False)]
+
+
+def targets(by, names, precisions) -> list:
+    """One line per target: the ratio at each precision and whether it meets the bound, or by how much it misses."""
+    lines = []
+    for what, num, den, metric, bound, at_least in TARGETS:
+        parts = []
+        for p in precisions:
+            ratio = by[(names[num], p)][metric] / by[(names[den], p)][metric]
+            met = ratio >= bound if at_least else ratio <= bound
+            parts.append(f"{p} {ratio:.2f}x ({'met' if met else f'misses by {abs(ratio - bound):.2f}x'})")
+        lines.append(f"- {what}, target {'≥' if at_least else '≤'} {bound}x: " + ", ".join(parts))
+    return lines
 
 
 def main() -> None:

@@ -330,3 +330,15 @@ def test_report_converged_conversion_drop_and_shift_table(tmp_path):
         "3 runs — **not** within 1 point in every run." in report
     assert "| row | circular 1 px | circular 4 px | zero 1 px | zero 4 px |" in report
     assert "| Two-phase, our recipe | 0.900 ± 0.000 | 0.710 ± 0.010 | 0.950 ± 0.000 | 0.850 ± 0.000 |" in report
+
+
+def test_a_training_cell_is_the_same_run_whatever_its_unused_convert_section():
+    """A single training run never converts: a changed default of convert.* (or phase2.*) keeps its finished
+    record valid, while a two-phase cell with another conversion is another run."""
+    from cmhsa.config import load_config
+    from cmhsa.experiments import _run_identity
+    a = load_config(None, ["convert.form=paper", "phase2.lr=1e-3"])
+    b = load_config(None, ["convert.form=factorized", "phase2.lr=5e-4"])
+    assert _run_identity("train", a) == _run_identity("train", b)
+    assert _run_identity("pipeline", a) != _run_identity("pipeline", b)
+    assert _run_identity("train", a) != _run_identity("train", a.set({"phase1.lr": 1e-4}))

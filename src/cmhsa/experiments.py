@@ -17,6 +17,7 @@ Every finished cell is also scored once on the dataset's whole test split (``tes
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -29,7 +30,7 @@ import yaml
 
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
-from .config import RunConfig, load_config, parse_overrides
+from .config import ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
 from .provenance import git_state
@@ -194,10 +195,14 @@ def recorded_config(record: Dict[str, Any]) -> Optional[RunConfig]:
 
 
 def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
-    """What a cell computes: its kind and its config without the name and output directory."""
+    """What a cell computes: its kind and its config without the name and output directory, and for a single
+    training run without the sections it never reads (the conversion and phase 2)."""
     if config is None:
         return None
-    return kind, config.set({"name": "run", "output": None})
+    config = config.set({"name": "run", "output": None})
+    if kind == "train":
+        config = dataclasses.replace(config, convert=ConvertConfig(), phase2=PhaseConfig())
+    return kind, config
 
 
 @functools.lru_cache(maxsize=4096)
@@ -226,7 +231,8 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
     code = git_state()  # the code as it was when the grid started, not when a cell ends
     for i, entry in enumerate(entries, 1):
         path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
-        if path.exists() and recorded_config(json.loads(path.read_text())) == entry["config"]:
+        if path.exists() and _record_identity(str(path), path.stat().st_mtime_ns) == \
+                _run_identity(entry["kind"], entry["config"]):
             continue
         header = f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})"
         record = {**{k: entry[k] for k in ("cell", "label", "kind", "seed")}, "config": entry["config"].to_dict()}

@@ -135,7 +135,7 @@ def _old_style(config: RunConfig) -> dict:
 def _grid(tmp_path: Path) -> dict:
     spec = {"name": "old", "base": str(CONFIGS / "fmnist_tiny.yaml"), "seeds": [0],
             "common": ["data.dataset=digits", "data.img_size=8", "data.train_subset=null", "train.precision=fp32",
-                       "phase1.epochs=1", "phase1.warmup_epochs=0"],
+                       "phase1.epochs=1", "phase1.warmup_epochs=0", "convert.form=paper"],  # old records ran it
             "budgets": {"quick": [], "full": []},
             "cells": [{"name": "conv", "kind": "train", "overrides": ["model.name=cmhsa3_conv_tiny"]}]}
     path = tmp_path / "old.yaml"

@@ -342,3 +342,12 @@ def test_a_training_cell_is_the_same_run_whatever_its_unused_convert_section():
     assert _run_identity("train", a) == _run_identity("train", b)
     assert _run_identity("pipeline", a) != _run_identity("pipeline", b)
     assert _run_identity("train", a) != _run_identity("train", a.set({"phase1.lr": 1e-4}))
+
+
+def test_report_names_the_attention_form_of_every_row():
+    from cmhsa.report import attention_form
+    assert attention_form({"kind": "pipeline", "config": {"convert": {"form": "factorized"}}}) == "factorized"
+    assert attention_form({"kind": "pipeline", "config": {"convert": {}}}) == "paper"  # before convert.form existed
+    assert attention_form({"kind": "train", "config": {"model": {"name": "cmhsa5_fattn_tiny"}}}) == "factorized"
+    assert attention_form({"kind": "train", "config": {"model": {"name": "cmhsa5_attn_224"}}}) == "paper"
+    assert attention_form({"kind": "train", "config": {"model": {"name": "deit_base_patch16_224"}}}) == "—"

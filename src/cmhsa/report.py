@@ -66,6 +66,16 @@ def _by_label(cells: List[dict]) -> Dict[str, List[dict]]:
     return groups
 
 
+def attention_form(cell: dict) -> str:
+    """The attention layer a cell trained: the conversion's form for a two-phase cell (records from before
+    convert.form ran the paper's layer), the form of a CMHSA attention model's timm name, or '—' for other models."""
+    config = cell.get("config", {})
+    if cell.get("kind") == "pipeline":
+        return config.get("convert", {}).get("form", "paper")
+    tag = str(config.get("model", {}).get("name", "")).split("_")[1:2]
+    return {"attn": "paper", "fattn": "factorized", "lattn": "local"}.get(tag[0] if tag else "", "—")
+
+
 def _write_csv(path: Path, rows: List[dict]) -> None:
     if not rows:
         return
@@ -267,14 +277,15 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         test[c["label"]][c["config"]["data"]["train_subset"]].append(c["test"]["top1"])
         gains[c["label"]].append(plateau_gain(_trajectory(c)[1]))
     sizes = sorted({n for per in test.values() for n in per})
-    rows = ["| row | " + " | ".join(f"{n} images" for n in sizes) + " | last 20% added (max) |",
-            "| --- |" + " ---: |" * (len(sizes) + 1)]
+    rows = ["| row | " + " | ".join(f"{n} images" for n in sizes) + " | last 20% added (max) | attention form |",
+            "| --- |" + " ---: |" * (len(sizes) + 1) + " --- |"]
+    forms = {c["label"]: attention_form(c) for c in cells}
     csv_rows = []
     for label in (l for l in labels if l in test):
         worst = max(gains[label])
         rows.append(f"| {label} | " + " | ".join(_se_text(test[label][n]) if n in test[label] else "—"
                                                  for n in sizes) + f" | {worst:+.2f}" + (" ⚠" if worst >= 1 else "")
-                    + " |")
+                    + f" | {forms[label]} |")
         csv_rows += [{"row": label, "train_size": n, "test_top1_mean": statistics.fmean(v), "seeds": len(v)}
                      for n, v in sorted(test[label].items())]
     _write_csv(grid / "summary.csv", csv_rows)
@@ -305,8 +316,8 @@ def _table1(grid: Path) -> Optional[str]:
     vit_time = statistics.fmean(c["train_seconds"] for c in groups["ViT"]) if "ViT" in groups else None
     rows, lines = [], [
         "| model | params | top-1 (ours) | top-5 (ours) | val loss | time vs ViT | seeds | top-1 (paper) | "
-        "top-5 (paper) | time (paper) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "top-5 (paper) | time (paper) | attention form |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     order = [label for label in PAPER_TABLE1 if label in groups] + [l for l in groups if l not in PAPER_TABLE1]
     for label in order:
@@ -318,7 +329,7 @@ def _table1(grid: Path) -> Optional[str]:
         paper = PAPER_TABLE1.get(label)
         p1, p5, pt = (f"{v:.2f}" for v in paper) if paper else ("—", "—", "—")
         lines.append(f"| {label} | {g[0]['params'] / 1e6:.2f}M | {_fmt(top1)} | {_fmt(top5)} | {_fmt(loss, 3)} | "
-                     f"{time_rel:.2f} | {len(g)} | {p1} | {p5} | {pt} |")
+                     f"{time_rel:.2f} | {len(g)} | {p1} | {p5} | {pt} | {attention_form(g[0])} |")
         rows.append({"model": label, "params": g[0]["params"], "top1_mean": _mean_std(top1)[0],
                      "top1_std": _mean_std(top1)[1], "top5_mean": _mean_std(top5)[0], "val_loss_mean":
                      _mean_std(loss)[0], "time_vs_vit": time_rel, "seeds": len(g),

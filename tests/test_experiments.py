@@ -351,3 +351,18 @@ def test_report_names_the_attention_form_of_every_row():
     assert attention_form({"kind": "train", "config": {"model": {"name": "cmhsa5_fattn_tiny"}}}) == "factorized"
     assert attention_form({"kind": "train", "config": {"model": {"name": "cmhsa5_attn_224"}}}) == "paper"
     assert attention_form({"kind": "train", "config": {"model": {"name": "deit_base_patch16_224"}}}) == "—"
+
+
+def test_report_shift_section_reads_the_shift_experiment(tmp_path):
+    results = tmp_path / "results"
+    (results / "shift").mkdir(parents=True)
+    budget = {"train_subset": 100, "val_subset": 50, "phase1_epochs": 1, "phase2_epochs": 1, "batch_size": 8}
+    for seed, circ4 in enumerate((1.0, 0.98)):
+        phase = {"top1": 40.0 + seed, "images": 50, "shift_circular": {"1": 1.0, "2": 1.0, "3": 1.0, "4": circ4},
+                 "shift_zero": {"1": 0.9, "2": 0.8, "3": 0.7, "4": 0.6}}
+        record = {"variant": "aps_circular", "seed": seed, "budget": budget, "phase1": phase, "phase2": phase}
+        (results / "shift" / f"aps_circular_s{seed}.json").write_text(json.dumps(record))
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "## Shift equivariance" in report and "100 training images, 1 + 1 epochs" in report
+    assert "| CMHSA-5, polyphase-anchored patches + circular padding | phase2 | 2 | 40.50 ± 0.71 | 1.000 ± 0.000 | " \
+        "0.990 ± 0.014 | 0.900 ± 0.000 | 0.600 ± 0.000 |" in report

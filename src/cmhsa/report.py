@@ -618,6 +618,38 @@ def _forms(grid: Path) -> Optional[str]:
     return "\n".join(lines)
 
 
+SHIFT_VARIANTS = {"baseline": "CMHSA-5, zero padding, fixed patch grid",
+                  "aps_circular": "CMHSA-5, polyphase-anchored patches + circular padding",
+                  "local": "CMHSA-5, local attention form (phase 2)"}
+
+
+def _shift(results: Path) -> Optional[str]:
+    """``benchmarks/shift_experiment.py``: top-1 and shift consistency per variant and phase, mean ± std over seeds."""
+    records = [json.loads(p.read_text()) for p in sorted((results / "shift").glob("*_s*.json"))]
+    if not records:
+        return None
+    budget = records[0]["budget"]
+    rows = ["| variant | phase | seeds | top-1 | circular, 1 px | circular, 4 px | zero-fill, 1 px | zero-fill, 4 px |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for variant, label in SHIFT_VARIANTS.items():
+        mine = [r for r in records if r["variant"] == variant]
+        for phase in ("phase1", "phase2", "phase2_at_56px"):
+            runs = [r[phase] for r in mine if phase in r]
+            if not runs or (variant == "local" and phase == "phase1"):
+                continue
+            # at 56 px the image is twice as large: 2 and 8 px are the 1 and 4 px shifts of the 28 px image
+            small, large = ("2", "8") if phase.endswith("56px") else ("1", "4")
+            cols = [_fmt([r[k][s] for r in runs], 3) for k in ("shift_circular", "shift_zero") for s in (small, large)]
+            rows.append(f"| {label} | {phase.replace('_at_56px', ' at 56 px')} | {len(runs)} | "
+                        f"{_fmt([r['top1'] for r in runs])} | " + " | ".join(cols) + " |")
+    return "\n".join([
+        f"`python benchmarks/shift_experiment.py`: {budget['train_subset']} training images, "
+        f"{budget['phase1_epochs']} + {budget['phase2_epochs']} epochs, scored on {records[0]['phase2']['images']} "
+        "validation images: a budget that measures invariance, not accuracy (top-1 is far below the converged rows). "
+        "Shift consistency is the fraction of images whose predicted class a diagonal shift leaves unchanged.", "",
+        *rows])
+
+
 def _analysis(results: Path) -> Optional[str]:
     """One table across the analysed models, two overview figures, and each model's own figures."""
     # the ablation runs are summarised in their own section
@@ -732,6 +764,7 @@ def write_report(results: str | Path = "results", budget: str = "full",
         ("Ablations (short budget): bias strength, null key, W_Q = W_K = 0", "ablations", _ablations(grids["ablations"], noise)),
         ("Attention forms: the paper's layer against the factorized layer (short budget)", "forms",
          _forms(grids["forms"])),
+        ("Shift equivariance: anchored patches and circular padding (small budget)", None, _shift(results)),
         ("Analysis: what the attention does after conversion", None, _analysis(results)),
     ]
     out = ["# cmhsa: results", "",
@@ -743,8 +776,10 @@ def write_report(results: str | Path = "results", budget: str = "full",
     for title, grid, body in sections:
         out += [f"## {title}", ""]
         if body is None:
-            out += ["Not run yet" + (f": `{COMMANDS[grid]}`." if grid else ": `cmhsa analyze <run> --out "
-                                     "results/analysis/<name>`."), ""]
+            hint = COMMANDS[grid] if grid else ("python benchmarks/shift_experiment.py --seeds 0 1 2"
+                                                if title.startswith("Shift") else
+                                                "cmhsa analyze <run> --out results/analysis/<name>")
+            out += [f"Not run yet: `{hint}`.", ""]
             continue
         out += [body, ""]
         if grid:

@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from cmhsa.config import TrainConfig, load_config
+from cmhsa.config import TrainConfig
 from cmhsa.data import create_loader
 from cmhsa.engine import fit
-from cmhsa.pipeline import run_pipeline
 from cmhsa.rundir import PhaseDir
 
 # digits, a 1-layer CMHSA with a trainable embedding, fp32, no workers; mixup and dropout use the RNGs
@@ -53,13 +52,16 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_sigkill_in_phase2_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    # every run is a one-thread subprocess: the test process's own thread count would change reduction order
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    run_pipeline(load_config(None, TINY + [f"output={straight}"]), progress=False)
+    done = subprocess.run([sys.executable, "-m", "cmhsa", "pipeline", "--output", str(straight), "--set", *TINY],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
     killed = tmp_path / "killed"
     args = ["pipeline", "--output", str(killed), "--set", *TINY]
     cmd = [sys.executable, "-m", "cmhsa", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", KILL_MID_EPOCH, str(killed), *args], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]

@@ -96,6 +96,7 @@ def test_fit_learns_digits(digits, tmp_path):
     assert result["val_top1"] > 85.0  # chance is 10%
     assert result["best_top1"] == max(line["val_top1"] for line in lines)
     assert result["epochs_run"] == 5
+    assert all(line["precision"] == "fp32" for line in lines)  # what the run resolved, logged per epoch
 
 
 def test_metrics_fields_and_lr_follows_warmup_then_cosine(digits, tmp_path):

@@ -366,3 +366,11 @@ def test_report_shift_section_reads_the_shift_experiment(tmp_path):
     assert "## Shift equivariance" in report and "100 training images, 1 + 1 epochs" in report
     assert "| CMHSA-5, polyphase-anchored patches + circular padding | phase2 | 2 | 40.50 ± 0.71 | 1.000 ± 0.000 | " \
         "0.990 ± 0.014 | 0.900 ± 0.000 | 0.600 ± 0.000 |" in report
+
+
+def test_report_names_the_precision_of_every_row():
+    from cmhsa.report import row_precision
+    two = {"phases": {"phase1": [{"precision": "fp32"}], "phase2": [{"precision": "bf16"}]}}
+    assert row_precision(two) == "fp32 / bf16"
+    assert row_precision({"phases": {"train": [{"precision": "fp32"}]}}) == "fp32"
+    assert row_precision({"phases": {"train": [{}]}, "config": {"train": {"precision": "auto"}}}) == "auto (setting)"

@@ -334,7 +334,8 @@ def train_one_epoch(
 
     Returns:
         ``train_loss`` (mean batch loss, averaged over DDP ranks), ``lr`` (mean over param groups, as used by
-        the epoch's last update), ``epoch_seconds``, ``images_per_second`` (all ranks together), ``steps``.
+        the epoch's last update), ``epoch_seconds``, ``images_per_second`` (all ranks together), ``steps``,
+        ``precision`` (what ``cfg.precision`` resolved to).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     num_steps = steps_per_epoch(loader, cfg)
@@ -399,6 +400,7 @@ def train_one_epoch(
         "epoch_seconds": seconds,
         "images_per_second": totals[2].item() / seconds,
         "steps": steps,
+        "precision": precision,
     }
 
 
@@ -574,7 +576,7 @@ def _record(phase: str, epoch: int, train: Dict[str, Any], val: Dict[str, float]
     return {"phase": phase, "epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
             "val_top1": val["val_top1"], "val_top5": val["val_top5"], "lr": train["lr"],
             "epoch_seconds": train["epoch_seconds"], "images_per_second": train["images_per_second"],
-            "wall_time": time.time(),  # unix time at the end of the epoch
+            "precision": train["precision"], "wall_time": time.time(),  # unix time at the end of the epoch
             **{k: v for k, v in val.items() if k.startswith("ema_")}}
 
 
@@ -638,7 +640,7 @@ def fit(
 
     Returns:
         The last epoch's metrics line (``phase, epoch, train_loss, val_loss, val_top1, val_top5, lr,
-        epoch_seconds, images_per_second, wall_time`` [+ ``ema_val_loss, ema_val_top1, ema_val_top5``])
+        epoch_seconds, images_per_second, precision, wall_time`` [+ ``ema_val_loss, ema_val_top1, ema_val_top5``])
         plus ``best_top1``, ``best_epoch`` and ``epochs_run`` (epochs trained by this call).
     """
     out = out_dir if isinstance(out_dir, PhaseDir) else PhaseDir(out_dir)

@@ -76,6 +76,15 @@ def attention_form(cell: dict) -> str:
     return {"attn": "paper", "fattn": "factorized", "lattn": "local"}.get(tag[0] if tag else "", "—")
 
 
+def row_precision(cell: dict) -> str:
+    """The precision a cell trained in, per phase ('bf16 / fp32' for a two-phase cell whose phases differ): as
+    resolved on its machine, or the configured setting with '(setting)' for records from before that was logged."""
+    resolved = [lines[-1]["precision"] for lines in cell.get("phases", {}).values() if lines and "precision" in lines[-1]]
+    if resolved:
+        return " / ".join(dict.fromkeys(resolved))
+    return f"{cell.get('config', {}).get('train', {}).get('precision', 'auto')} (setting)"
+
+
 def _write_csv(path: Path, rows: List[dict]) -> None:
     if not rows:
         return
@@ -277,15 +286,16 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         test[c["label"]][c["config"]["data"]["train_subset"]].append(c["test"]["top1"])
         gains[c["label"]].append(plateau_gain(_trajectory(c)[1]))
     sizes = sorted({n for per in test.values() for n in per})
-    rows = ["| row | " + " | ".join(f"{n} images" for n in sizes) + " | last 20% added (max) | attention form |",
-            "| --- |" + " ---: |" * (len(sizes) + 1) + " --- |"]
+    rows = ["| row | " + " | ".join(f"{n} images" for n in sizes) + " | last 20% added (max) | attention form | "
+            "precision |", "| --- |" + " ---: |" * (len(sizes) + 1) + " --- | --- |"]
     forms = {c["label"]: attention_form(c) for c in cells}
+    precisions = {c["label"]: row_precision(c) for c in cells}
     csv_rows = []
     for label in (l for l in labels if l in test):
         worst = max(gains[label])
         rows.append(f"| {label} | " + " | ".join(_se_text(test[label][n]) if n in test[label] else "—"
                                                  for n in sizes) + f" | {worst:+.2f}" + (" ⚠" if worst >= 1 else "")
-                    + f" | {forms[label]} |")
+                    + f" | {forms[label]} | {precisions[label]} |")
         csv_rows += [{"row": label, "train_size": n, "test_top1_mean": statistics.fmean(v), "seeds": len(v)}
                      for n, v in sorted(test[label].items())]
     _write_csv(grid / "summary.csv", csv_rows)
@@ -316,8 +326,8 @@ def _table1(grid: Path) -> Optional[str]:
     vit_time = statistics.fmean(c["train_seconds"] for c in groups["ViT"]) if "ViT" in groups else None
     rows, lines = [], [
         "| model | params | top-1 (ours) | top-5 (ours) | val loss | time vs ViT | seeds | top-1 (paper) | "
-        "top-5 (paper) | time (paper) | attention form |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "top-5 (paper) | time (paper) | attention form | precision |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     order = [label for label in PAPER_TABLE1 if label in groups] + [l for l in groups if l not in PAPER_TABLE1]
     for label in order:
@@ -329,7 +339,7 @@ def _table1(grid: Path) -> Optional[str]:
         paper = PAPER_TABLE1.get(label)
         p1, p5, pt = (f"{v:.2f}" for v in paper) if paper else ("—", "—", "—")
         lines.append(f"| {label} | {g[0]['params'] / 1e6:.2f}M | {_fmt(top1)} | {_fmt(top5)} | {_fmt(loss, 3)} | "
-                     f"{time_rel:.2f} | {len(g)} | {p1} | {p5} | {pt} | {attention_form(g[0])} |")
+                     f"{time_rel:.2f} | {len(g)} | {p1} | {p5} | {pt} | {attention_form(g[0])} | {row_precision(g[0])} |")
         rows.append({"model": label, "params": g[0]["params"], "top1_mean": _mean_std(top1)[0],
                      "top1_std": _mean_std(top1)[1], "top5_mean": _mean_std(top5)[0], "val_loss_mean":
                      _mean_std(loss)[0], "time_vs_vit": time_rel, "seeds": len(g),

@@ -24,7 +24,7 @@ from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa",
-    "DEFAULT_BIAS_STRENGTH", "FORMS", "wrap_offsets", "local_window",
+    "DEFAULT_BIAS_STRENGTH", "FORMS", "check_form", "wrap_offsets", "local_window",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (docs/design.md §1.3)
@@ -189,7 +189,8 @@ def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
             classes[key] = len(classes)
             first.append(i)
         which.append(classes[key])
-    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, torch.tensor(which, device=blocks.device), blocks)
+    index = torch.tensor(which, device=blocks.device)
+    summed = blocks.new_zeros(len(first), *blocks.shape[1:]).index_add_(0, index, blocks)
     return offsets[first], summed
 
 
@@ -301,7 +302,7 @@ FORMS: Dict[str, Callable[..., nn.Module]] = {"paper": _paper_layer, "factorized
                                               "local": _local_layer}
 
 
-def _check_form(form: str) -> None:
+def check_form(form: str) -> None:
     if form not in FORMS:
         raise ValueError(f"form must be one of {sorted(FORMS)} (global: 'paper', 'factorized'; windowed: 'local'), "
                          f"got {form!r}")
@@ -337,7 +338,7 @@ def conv_to_mhsa(
     gradient of each is proportional to the other, so content attention could never be learned from it. Small
     random values perturb the logits by far less than ``beta / 2``, so the conversion stays exact to ~exp(-beta/2).
     """
-    _check_form(form)
+    check_form(form)
     geometry = conv_geometry(conv, patch_size)
     gh, gw = to_pair(grid_size, "grid_size", minimum=1)
     check_real(bias_strength, "bias_strength", minimum=0)

@@ -271,7 +271,8 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":
         raise ValueError("convert_model needs a CMHSA model in its convolution phase (mixer='conv')")
     forbidden = {"img_size", "patch_size", "in_chans", "embed", "pixel_dim", "depth", "kernel_size", "mlp_ratio",
-                 "num_classes", "head_dim", "mixer", "form", "qk_dim", "anchor", "padding_mode", "attn_init"} & set(overrides)
+                 "num_classes", "head_dim", "mixer", "form", "qk_dim", "anchor", "padding_mode",
+                 "attn_init"} & set(overrides)
     if forbidden:
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,

@@ -25,7 +25,7 @@ from timm.layers.padding import get_same_padding
 from timm.models import register_model
 from torch.utils.flop_counter import FlopCounterMode
 
-from .convert import DEFAULT_BIAS_STRENGTH, FORMS, conv_geometry, conv_to_mhsa
+from .convert import DEFAULT_BIAS_STRENGTH, check_form, conv_geometry, conv_to_mhsa
 from .attention import RelPosAttention
 from .tokens import IntOrPair, image_to_tokens, to_pair, tokens_to_image
 
@@ -260,8 +260,7 @@ def convert_network(
     if (img_size is None) == (sample_input is None):
         raise ValueError("pass exactly one of img_size (with in_chans) or sample_input, to learn the feature-map "
                          "size of every convolution")
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
+    check_form(form)  # up front: conv_to_mhsa's own check would only turn every layer into a skip
     layers = [layers] if isinstance(layers, str) else layers
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and _selected(n, layers)}
     for pattern in layers or []:

@@ -179,8 +179,8 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         sample = next(iter(val_loader))[0][:16]
         attn_model, transfer = _convert(conv_model, config, sample)
         device = resolve_device(cfg2)
-        after = evaluate(attn_model.to(device), val_loader, device, resolve_precision(device, cfg2.precision, attn_model),
-                         num_classes)
+        precision = resolve_precision(device, cfg2.precision, attn_model)
+        after = evaluate(attn_model.to(device), val_loader, device, precision, num_classes)
         transfer["val_after_conversion"] = after
         transfer["val_before_conversion"] = {k: phase1[k] for k in ("val_loss", "val_top1", "val_top5")}
         if is_main_process():

@@ -362,10 +362,13 @@ def test_report_shift_section_reads_the_shift_experiment(tmp_path):
                  "shift_zero": {"1": 0.9, "2": 0.8, "3": 0.7, "4": 0.6}}
         record = {"variant": "aps_circular", "seed": seed, "budget": budget, "phase1": phase, "phase2": phase}
         (results / "shift" / f"aps_circular_s{seed}.json").write_text(json.dumps(record))
+        deit = {"variant": "deit_base", "seed": seed, "budget": budget, "phase2": {**phase, "top1": 30.0}}
+        (results / "shift" / f"deit_base_s{seed}.json").write_text(json.dumps(deit))
     report = write_report(results, configs=GRIDS).read_text()
     assert "## Shift equivariance" in report and "100 training images, 1 + 1 epochs" in report
     assert "| CMHSA-5, polyphase-anchored patches + circular padding | phase2 | 2 | 40.50 ± 0.71 | 1.000 ± 0.000 | " \
         "0.990 ± 0.014 | 0.900 ± 0.000 | 0.600 ± 0.000 |" in report
+    assert "| DeiT-base | phase2 | 2 | 30.00 ± 0.00 |" in report and "| DeiT-base | phase1 |" not in report
 
 
 def test_report_names_the_precision_of_every_row():

@@ -286,6 +286,9 @@ def test_report_converged_protocol(tmp_path):
     assert "Two-phase CMHSA beats DeiT-base with little data: Two-phase, our recipe − DeiT-base, test top-1 by " \
         "training-set size: 2000: +15.00 (2 SE ±1.29) — **agrees** with the paper." in report
     assert "Not plateaued (last 20% added ≥ 1 point): DeiT-base." in report
+    # the converged grid leads the at-a-glance list, targets included
+    glance = report[report.index("## At a glance"):report.index("## Setup")]
+    assert "| Converged protocol | Our phase-2 recipe beats the conv phase alone" in glance and "1 of our 1 judged targets are met" in glance
     assert (results / "converged" / "wall_clock.png").exists() and (results / "converged" / "table1_bars.png").exists()
 
     # a gap of 1 point does not meet a 2-point target
@@ -310,6 +313,18 @@ def test_report_forms_section_judges_the_gap_against_two_standard_errors(tmp_pat
     assert "| CMHSA-5, factorized form | 81.50 ± 0.58 (3) | 3.0 | 0.00M |" in report
     # gap +0.50, 2 SE = 2 * sqrt(1/3 + 1/3) = 1.63: within the noise
     assert "Factorized − paper form: +0.50 points on the full test set (2 SE ±1.63): within the noise" in report
+
+
+def test_report_converged_equal_wall_clock(tmp_path):
+    """Rows compared at the cheapest row's training time: each row's last epoch that ended by then."""
+    results = tmp_path / "results"
+    for seed in range(2):
+        _converged_cell(results, "Conv phase only", 2000, seed, 80.0, [60.0, 70.0, 75.0])   # 3 minutes
+        _converged_cell(results, "DeiT-base", 2000, seed, 70.0, [40.0 + seed, 50.0, 60.0, 65.0, 68.0, 70.0])
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "val top-1 after 3 CPU minutes" in report
+    assert "| Conv phase only | 75.00 ± 0.00 | 75.00 ± 0.00 | 3 |" in report
+    assert "| DeiT-base | 60.00 ± 0.00 | 70.00 ± 0.00 | 6 |" in report
 
 
 def test_report_converged_conversion_drop_and_shift_table(tmp_path):

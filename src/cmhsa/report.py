@@ -222,6 +222,31 @@ def _wall_clock_figure(cells: List[dict], size: int, out: Path) -> None:
     plt.close(fig)
 
 
+def _equal_wall_clock(cells: List[dict], labels: List[str], size: int) -> List[str]:
+    """Every row's val top-1 at the same CPU time: the cheapest row's mean training time (its last epoch), each
+    row at its last epoch that ended by then (the per-seed values, averaged)."""
+    group = _by_label([c for c in cells if c["config"]["data"]["train_subset"] == size])
+    if len(group) < 2:
+        return []
+    budget = min(statistics.fmean(_trajectory(c)[2][-1] for c in runs) for runs in group.values())
+    rows = [f"Equal wall-clock at {size} images: val top-1 after {budget / 60:.0f} CPU minutes (one thread), the "
+            "cheapest row's whole run; rows that had not finished an epoch by then show —. Times come from "
+            "machines that other jobs shared, so read this as a rough ranking.", "",
+            "| row | val top-1 at equal time | at the end of its own run | its run took (min) |",
+            "| --- | ---: | ---: | ---: |"]
+    for label in (l for l in labels if l in group):
+        at, end, took = [], [], []
+        for c in group[label]:
+            _, top1, seconds = _trajectory(c)
+            reached = [v for v, t in zip(top1, seconds) if t <= budget * 1.001]
+            if reached:
+                at.append(reached[-1])
+            end.append(top1[-1])
+            took.append(seconds[-1] / 60)
+        rows.append(f"| {label} | {_fmt(at) if at else '—'} | {_fmt(end)} | {statistics.fmean(took):.0f} |")
+    return rows + [""]
+
+
 def _table1_bars(test: Dict[str, Dict[int, List[float]]], paper_rows: Dict[str, str], size: int,
                  out: Path) -> None:
     """Our converged rows at one size beside the paper's Table 1 rows they stand for."""
@@ -308,7 +333,8 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         "Test top-1 on the full 10,000-image test set, mean ± standard error (seeds). Every row gets the same number "
         "of optimizer steps whatever the subset size; the last column is the largest val top-1 gain over the last "
         "20% of training among a row's runs (⚠: not plateaued by the 1-point rule).", "", *rows, "",
-        *_converged_claims(test), "", *_conversion_drops(cells, labels), "", *_shift_table(cells, labels, middle),
+        *_converged_claims(test), "", *_conversion_drops(cells, labels), "", *_equal_wall_clock(cells, labels, middle),
+        *_shift_table(cells, labels, middle),
         ("Every run plateaued by the rule." if not unplateaued else
          "Not plateaued (last 20% added ≥ 1 point): " + ", ".join(unplateaued) + "."), "",
         f"![accuracy against wall-clock]({grid.name}/wall_clock.png) ![Table 1 bars]({grid.name}/table1_bars.png)",
@@ -738,16 +764,26 @@ def _setup(configs: Path) -> str:
     return "\n".join(parts)
 
 
+TARGET_VERDICTS = ("target met", "target **not met**", "target met at some sizes only")
+
+
 def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> List[str]:
-    """Every verdict on a paper claim, gathered from the sections into one list at the top."""
+    """Every verdict on a paper claim and every target of ours, gathered from the sections (converged protocol
+    first) into one list at the top."""
+    claims = ("agrees", "disagrees", "inconclusive")
     verdicts = [(title, line) for title, _, body in sections for line in (body or "").splitlines()
-                if line.startswith("- ") and any(f"**{v}**" in line for v in ("agrees", "disagrees", "inconclusive"))]
+                if line.startswith("- ") and (any(f"**{v}**" in line for v in claims)
+                                              or any(f"— {t}" in line for t in TARGET_VERDICTS))]
     if not verdicts:
         return []
-    counts = {v: sum(f"**{v}**" in line for _, line in verdicts) for v in ("agrees", "disagrees", "inconclusive")}
+    counts = {v: sum(f"**{v}**" in line for _, line in verdicts) for v in claims}
+    targets = [line for _, line in verdicts if any(f"— {t}" in line for t in TARGET_VERDICTS)]
+    met = sum("— target met." in line for line in targets)
     return ["## At a glance", "",
             f"{counts['agrees']} of the paper's claims agree with our measurements, {counts['disagrees']} disagree, "
-            f"{counts['inconclusive']} are inconclusive (gap within the noise). Each is explained in its section.", "",
+            f"{counts['inconclusive']} are inconclusive (gap within the noise)"
+            + (f"; {met} of our {len(targets)} judged targets are met" if targets else "")
+            + ". Each is explained in its section.", "",
             "| section | claim and measurement |", "| --- | --- |",
             *(f"| {_short_title(title)} | {line[2:]} |" for title, line in verdicts), ""]
 

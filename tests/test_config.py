@@ -78,6 +78,8 @@ def test_values_that_do_not_fit_their_type_name_the_key(override, message):
     ("data.augment=heavy", "data.augment must be one of 'none', 'light', 'deit'"),
     ("train.precision=half", "train.precision must be one of"),
     ("phase1.warmup_epochs=20", "phase1 (train layered with phase1): warmup_epochs must be in [0, epochs=20)"),
+    ('phase2.lr_scale={"*.qk.*": -1}', "phase2 (train layered with phase2): lr_scale['*.qk.*'] must be a number >= 0"),
+    ("train.lr_scale=3", "train.lr_scale must be a mapping, got 3"),
 ])
 def test_ranges_are_checked(override, message):
     with pytest.raises(ValueError) as e:
@@ -91,6 +93,8 @@ def test_round_trip_and_phase_layering():
     assert c.phase_config("phase1").clip_grad is None  # train's explicit null (no clipping) reaches the phases
     assert c.phase_config("phase2").epochs == 200 and c.phase_config("phase2").warmup_epochs == 5
     assert c.to_dict()["phase1"] == {"epochs": 200, "lr": 1.25e-4}  # phase sections hold what they set
+    scaled = c.set({"phase2.lr_scale": {"*.rel_pos_bias": 10}})
+    assert scaled.phase_config("phase2").lr_scale == {"*.rel_pos_bias": 10} and scaled.phase_config("phase1").lr_scale == {}
 
 
 @pytest.mark.parametrize("grid", sorted(p.name for p in (CONFIGS / "experiments").glob("*.yaml")))

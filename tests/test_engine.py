@@ -148,6 +148,40 @@ def test_build_optimizer_betas_only_where_supported():
     assert sorted(group["weight_decay"] for group in sgd.param_groups) == [0.0, 0.05]
 
 
+@pytest.mark.parametrize("warmup_epochs", [0, 1])
+def test_lr_scale_groups_follow_the_schedule(warmup_epochs):
+    """Each lr_scale pattern's parameters get lr x its factor at every update; the rest lr; 1-D params no decay."""
+    cfg = TrainConfig(epochs=3, lr=1e-2, warmup_epochs=warmup_epochs, lr_scale={"3.*": 10.0, "0.weight": 0.1})
+    model = mlp()
+    optimizer = build_optimizer(model, cfg)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    head, first, plain = (group_of[id(p)] for p in (model[3].weight, model[0].weight, model[0].bias))
+    assert (head["weight_decay"], first["weight_decay"], plain["weight_decay"]) == (0.05, 0.05, 0.0)
+    assert group_of[id(model[3].bias)]["weight_decay"] == 0.0 and group_of[id(model[3].bias)]["lr_scale"] == 10.0
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch=5)
+    for update in range(1, 15):
+        assert head["lr"] == pytest.approx(10 * plain["lr"]) and first["lr"] == pytest.approx(0.1 * plain["lr"])
+        scheduler.step_update(update)
+    assert plain["lr"] < 1e-2  # the schedule did move
+
+
+def test_lr_scale_reaches_training_and_rejects_typos(digits, tmp_path):
+    train_loader, val_loader = loaders(digits)
+    model = mlp()
+    before = copy.deepcopy(model)
+    cfg = TrainConfig(epochs=1, lr=1e-2, precision="fp32", lr_scale={"3.*": 0.0}, max_steps_per_epoch=3)
+    fit(model, train_loader, val_loader, cfg, tmp_path, progress=False)
+    assert torch.equal(model[3].weight, before[3].weight) and torch.equal(model[3].bias, before[3].bias)
+    assert not torch.equal(model[0].weight, before[0].weight)
+    assert read_metrics(tmp_path)[0]["lr"] > 0  # the logged lr is the schedule's, not the frozen group's
+    with pytest.raises(ValueError, match=r"\['head\.\*'\] match no parameter of Sequential.*'0.weight'"):
+        build_optimizer(mlp(), TrainConfig(lr_scale={"head.*": 2.0}))
+    with pytest.raises(ValueError, match=r"lr_scale\['3.\*'\] must be a number >= 0"):
+        TrainConfig(lr_scale={"3.*": "fast"})
+    with pytest.raises(ValueError, match="give one of them"):
+        build_optimizer(mlp(), TrainConfig(lr_scale={"3.*": 2.0}), param_groups_fn=lambda m: m.parameters())
+
+
 def test_losses():
     loss_fn, mixup_fn = build_loss(TrainConfig(mixup=0.2, label_smoothing=0.1))
     assert isinstance(loss_fn, SoftTargetCrossEntropy) and isinstance(mixup_fn, Mixup)

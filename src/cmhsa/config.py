@@ -99,6 +99,9 @@ class TrainConfig:
                                                          "a timm scheduler other than 'plateau' (fit schedules "
                                                          "per update), or 'none'"))
     clip_grad: Optional[float] = field(default=1.0, metadata=_NON_NEGATIVE)  # max grad norm; None or 0: off
+    # {parameter-name pattern (fnmatch): lr multiplier}, first match wins, e.g. {"*.rel_pos_bias": 10}; the
+    # schedule scales every group alike (timm's lr_scale). Each pattern must match some parameter.
+    lr_scale: Dict[str, float] = field(default_factory=dict)
     label_smoothing: float = field(default=0.1, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     mixup: float = field(default=0.0, metadata=_NON_NEGATIVE)  # mixup alpha; 0 -> off
     cutmix: float = field(default=0.0, metadata=_NON_NEGATIVE)  # cutmix alpha; 0 -> off (image batches only)
@@ -116,6 +119,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        for pattern, scale in self.lr_scale.items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+                raise ValueError(f"lr_scale[{pattern!r}] must be a number >= 0 (a multiplier of lr), got {scale!r}")
         if not self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
 

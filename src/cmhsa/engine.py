@@ -21,6 +21,8 @@ Distributed training
 """
 from __future__ import annotations
 
+import fnmatch
+import functools
 import itertools
 import logging
 import math
@@ -31,7 +33,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -68,6 +70,7 @@ __all__ = [
     "steps_per_epoch",
     "build_optimizer",
     "build_scheduler",
+    "lr_scale_groups",
     "build_loss",
     "build_scaler",
     "train_one_epoch",
@@ -240,13 +243,43 @@ def steps_per_epoch(loader: DataLoader, cfg: TrainConfig) -> int:
     return min(num_batches, cfg.max_steps_per_epoch)
 
 
+def lr_scale_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """Parameter groups for ``cfg.lr_scale`` ({name pattern: lr multiplier}, first match wins, else 1), with timm's
+    weight-decay rule: 1-D parameters and the model's ``no_weight_decay()`` get none."""
+    model = unwrap_model(model)
+    no_decay = set(getattr(model, "no_weight_decay", lambda: set())())
+    groups: Dict[Tuple[float, float], List[nn.Parameter]] = {}
+    matched = set()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        pattern = next((p for p in cfg.lr_scale if fnmatch.fnmatchcase(name, p)), None)
+        matched.add(pattern)
+        decay = 0.0 if param.ndim <= 1 or name in no_decay else cfg.weight_decay
+        groups.setdefault((float(cfg.lr_scale.get(pattern, 1.0)), decay), []).append(param)
+    unmatched = [p for p in cfg.lr_scale if p not in matched]
+    if unmatched:
+        names = [n for n, _ in model.named_parameters()]
+        raise ValueError(f"lr_scale pattern(s) {unmatched} match no parameter of {type(model).__name__}; names look "
+                         f"like {names[:2] + names[-2:]} (fnmatch, e.g. '*.rel_pos_bias')")
+    # timm's schedulers multiply the schedule (from each group's initial_lr) by lr_scale from their first update
+    # on; before it, and with no scheduler, the group's own lr holds
+    return [{"params": params, "lr_scale": scale, "lr": cfg.lr * scale, "initial_lr": cfg.lr, "weight_decay": decay}
+            for (scale, decay), params in groups.items()]
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, param_groups_fn: Optional[Callable[[nn.Module], Any]] = None
 ) -> torch.optim.Optimizer:
     """timm optimizer ``cfg.opt``; biases and norm weights get no weight decay unless ``param_groups_fn`` is given.
 
-    ``param_groups_fn(model)`` may return custom param groups (e.g. a lower lr for pretrained parts).
+    ``param_groups_fn(model)`` may return custom param groups (e.g. a lower lr for pretrained parts);
+    ``cfg.lr_scale`` builds them from name patterns (:func:`lr_scale_groups`).
     """
+    if cfg.lr_scale:
+        if param_groups_fn is not None:
+            raise ValueError("lr_scale and param_groups_fn both define the param groups; give one of them")
+        param_groups_fn = functools.partial(lr_scale_groups, cfg=cfg)
     kwargs = {"betas": cfg.opt_betas} if get_optimizer_info(cfg.opt).has_betas else {}
     return create_optimizer_v2(
         model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, param_group_fn=param_groups_fn, **kwargs
@@ -303,9 +336,10 @@ def build_scaler(device: Union[str, torch.device], precision: str) -> torch.amp.
     return torch.amp.GradScaler(device.type, enabled=resolve_precision(device, precision) == "fp16")
 
 
-def _mean_lr(optimizer: torch.optim.Optimizer) -> float:
-    groups = optimizer.param_groups
-    return sum(group["lr"] for group in groups) / len(groups)
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr: a group scaled by ``lr_scale`` (see :func:`lr_scale_groups`) reports it divided back."""
+    scaled = [g["lr"] / g.get("lr_scale", 1.0) for g in optimizer.param_groups if g.get("lr_scale", 1.0) > 0]
+    return scaled[0] if scaled else 0.0
 
 
 # --------------------------------------------------------------------------------------- train / eval
@@ -343,7 +377,7 @@ def train_one_epoch(
     scaler = scaler or build_scaler(device, precision)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device: no per-step sync
-    lr, steps, samples = _mean_lr(optimizer), 0, 0
+    lr, steps, samples = _base_lr(optimizer), 0, 0
     bar = tqdm(
         total=num_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
         disable=not (progress and is_main_process()),
@@ -374,7 +408,7 @@ def train_one_epoch(
         steps += 1
         samples += len(images)
         num_updates = epoch * num_steps + steps
-        lr = _mean_lr(optimizer)  # the lr this update used, before the scheduler moves it
+        lr = _base_lr(optimizer)  # the lr this update used, before the scheduler moves it
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)
         if ema is not None:

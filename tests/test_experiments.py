@@ -188,6 +188,8 @@ def test_experiment_cli_quick_budget(tmp_path, capsys):
     args = ["experiment", "ablations", "--budget", "quick", "--cells", "beta60_nonull",
             "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")]
     assert main(args) == 0
+    cell = json.loads(next((tmp_path / "results").glob("ablations-quick/cells/*.json")).read_text())
+    assert cell["test"]["images"] == 100  # a smoke test scores its 100 validation images, not the 10k test split
     assert main(["report", str(tmp_path / "results"), "--budget", "quick", "--configs", str(GRIDS)]) == 0
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "beta = 60, no null key (paper)" in report

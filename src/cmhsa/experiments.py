@@ -135,19 +135,20 @@ def hardware() -> Dict[str, Any]:
 SHIFT_BATCHES = 8  # shift consistency on the first 8 x 256 test images: ~1% of a cell's time
 
 
-def _test_metrics(config: RunConfig, run: Path) -> Dict[str, Any]:
+def _test_metrics(config: RunConfig, run: Path, budget: str) -> Dict[str, Any]:
     """The run's final weights scored on the dataset's whole test split (``data.val_subset`` lifted), and the
     shift consistency of its predictions (circular and black-filled shifts, see :func:`cmhsa.analysis.shift_consistency`)
-    on the first test images."""
+    on the first test images. The quick budget (a smoke test) scores its validation subset and one batch instead."""
     model, spec, _ = load_model(run, which="last")
-    full = config.set({"data.val_subset": None})
+    full = config.set({"data.val_subset": None}) if budget == "full" else config
     cfg = full.phase_config("phase1", spec["kwargs"]["num_classes"])
     device = resolve_device(cfg)
     _, test_loader, info = build_loaders(full, 256, spec["kwargs"]["in_chans"])
     metrics = evaluate(model.to(device), test_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)
     black = [-m / s for m, s in zip(info.mean, info.std)]
-    shift = {mode: shift_consistency(model.float(), test_loader, mode=mode, fill=black, max_batches=SHIFT_BATCHES)
+    batches = SHIFT_BATCHES if budget == "full" else 1
+    shift = {mode: shift_consistency(model.float(), test_loader, mode=mode, fill=black, max_batches=batches)
              for mode in ("circular", "zero")}
     return {**metrics, "images": len(test_loader.dataset), "shift_consistency": shift}
 
@@ -160,7 +161,7 @@ def _can_resume(run: RunDir, config: RunConfig) -> bool:
         return False
 
 
-def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
+def _run_cell(entry: Dict[str, Any], budget: str, progress: bool) -> Dict[str, Any]:
     config: RunConfig = entry["config"]
     run = RunDir(config.run_dir())
     resume = _can_resume(run, config)
@@ -169,7 +170,7 @@ def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
         phases = {p: run.phase(p).read_metrics() for p in ("phase1", "phase2")}
         return {"final": phases["phase2"][-1], "phases": phases, "params": summary["phase2"]["params"],
                 "train_seconds": summary["phase1"]["train_seconds"] + summary["phase2"]["train_seconds"],
-                "transfer": summary["transfer"], "test": _test_metrics(config, run.root)}
+                "transfer": summary["transfer"], "test": _test_metrics(config, run.root, budget)}
     spec = model_spec(config)
     model = create_model(spec, seed=config.phase_config("phase1").seed)
     params = sum(p.numel() for p in model.parameters())
@@ -178,7 +179,7 @@ def _run_cell(entry: Dict[str, Any], progress: bool) -> Dict[str, Any]:
     lines = run.phase("train").read_metrics()
     return {"final": lines[-1], "phases": {"train": lines}, "params": params,
             "train_seconds": sum(m["epoch_seconds"] for m in lines),
-            "test": _test_metrics(config, run.phase("train").root)}
+            "test": _test_metrics(config, run.phase("train").root, budget)}
 
 
 def recorded_config(record: Dict[str, Any]) -> Optional[RunConfig]:
@@ -246,7 +247,7 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
         else:
             if progress:
                 print(header)
-            record.update(_run_cell(entry, progress), budget=budget, hardware=hardware(), git=code)
+            record.update(_run_cell(entry, budget, progress), budget=budget, hardware=hardware(), git=code)
         atomic_write_text(path, json.dumps(record, indent=1))
     return out
 

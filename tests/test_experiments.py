@@ -386,6 +386,14 @@ def test_report_shift_section_reads_the_shift_experiment(tmp_path):
     assert "| CMHSA-5, polyphase-anchored patches + circular padding | phase2 | 2 | 40.50 ± 0.71 | 1.000 ± 0.000 | " \
         "0.990 ± 0.014 | 0.900 ± 0.000 | 0.600 ± 0.000 |" in report
     assert "| DeiT-base | phase2 | 2 | 30.00 ± 0.00 |" in report and "| DeiT-base | phase1 |" not in report
+    bench = {"rows": [{"label": label, "img_size": 112, "grid": [28, 28], "train_img_s": speed, "infer_img_s": 3.0,
+                       "saved_mb_per_img": mb, "attn_gflop_per_img": 1.0}
+                      for label, speed, mb in (("global attention", 0.5, 240.0), ("local attention", 1.0, 120.0))],
+             "hardware": {"cpu": "test cpu"}, "threads": 1, "code": {"commit": "abcdef0123"}}
+    (results / "shift" / "local_attention_bench.json").write_text(json.dumps(bench))
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "local over global: 112 px: train img/s x2.00, activations x0.50" in report
+    assert "| local attention | 112 px | 28x28 | 1 | 3 | 120 | 1 |" in report
 
 
 def test_report_names_the_precision_of_every_row():

@@ -685,7 +685,29 @@ def _shift(results: Path) -> Optional[str]:
         f"{records[0]['phase2']['images']} fixed validation images; mean ± std over seeds. Shift consistency is the "
         "fraction of images whose predicted class a diagonal shift leaves unchanged. DeiT-base has one model, listed "
         "as its phase 2.", "",
-        *rows])
+        *rows, *_local_attention_bench(results)])
+
+
+def _local_attention_bench(results: Path) -> List[str]:
+    """``benchmarks/local_attention.py --json``: local against global attention, cost per image at each size."""
+    path = results / "shift" / "local_attention_bench.json"
+    if not path.exists():
+        return []
+    bench = json.loads(path.read_text())
+    rows = ["| model | image | grid | train img/s | inference img/s | activations (MB/img) | attention GFLOP/img |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    by = {(r["label"], r["img_size"]): r for r in bench["rows"]}
+    for r in bench["rows"]:
+        rows.append(f"| {r['label']} | {r['img_size']} px | {r['grid'][0]}x{r['grid'][1]} | {r['train_img_s']:.3g} | "
+                    f"{r['infer_img_s']:.3g} | {r['saved_mb_per_img']:.3g} | {r['attn_gflop_per_img']:.3g} |")
+    ratios = [f"{size} px: train img/s x{by['local attention', size]['train_img_s'] / g['train_img_s']:.2f}, "
+              f"activations x{by['local attention', size]['saved_mb_per_img'] / g['saved_mb_per_img']:.2f}"
+              for (label, size), g in by.items() if label == "global attention" and ("local attention", size) in by]
+    hw = bench.get("hardware", {})
+    return ["", f"Cost, local against global attention (`python benchmarks/local_attention.py`, {hw.get('cpu', '?')}, "
+            f"{bench.get('threads', '?')} thread(s), commit {str(bench.get('code', {}).get('commit'))[:7]}); local "
+            "over global: " + "; ".join(ratios) + ". The local form's cost grows with the image, the global form's "
+            "with its square.", "", *rows]
 
 
 def _analysis(results: Path) -> Optional[str]:

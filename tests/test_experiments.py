@@ -257,14 +257,16 @@ def test_two_standard_errors_rule():
     assert two_standard_errors([1.0], [1.0, 2.0]) is None
 
 
-def _converged_cell(results: Path, label: str, n: int, seed: int, test_top1: float, curve) -> None:
+def _converged_cell(results: Path, label: str, n: int, seed: int, test_top1: float, curve, grid: str = "converged",
+                    img_size: int = 28) -> None:
     record = {"cell": f"{label}_n{n}", "label": label, "kind": "train", "seed": seed, "params": 1000,
               "train_seconds": 60.0 * len(curve), "hardware": {"cpu": "test cpu"},
-              "config": {"data": {"train_subset": n}, "train": {"batch_size": 100}, "phase1": {}},
+              "config": {"data": {"train_subset": n, "img_size": img_size}, "train": {"batch_size": 100},
+                         "phase1": {}},
               "final": {"val_top1": curve[-1], "val_top5": 99.0, "val_loss": 1.0}, "test": {"top1": test_top1},
               "phases": {"train": [{"val_top1": v, "epoch_seconds": 60.0} for v in curve]}}
-    (results / "converged" / "cells").mkdir(parents=True, exist_ok=True)
-    (results / "converged" / "cells" / f"{label}_n{n}__seed{seed}.json").write_text(json.dumps(record))
+    (results / grid / "cells").mkdir(parents=True, exist_ok=True)
+    (results / grid / "cells" / f"{label}_n{n}__seed{seed}.json").write_text(json.dumps(record))
 
 
 def test_report_converged_protocol(tmp_path):
@@ -327,6 +329,22 @@ def test_report_converged_equal_wall_clock(tmp_path):
     assert "val top-1 after 3 CPU minutes" in report
     assert "| Conv phase only | 75.00 ± 0.00 | 75.00 ± 0.00 | 3 |" in report
     assert "| DeiT-base | 60.00 ± 0.00 | 70.00 ± 0.00 | 6 |" in report
+
+
+def test_report_phase2_gain_against_grid_size(tmp_path):
+    """The geometry grid's larger patch grid beside the converged grid's 7x7, at the sizes the geometry grid ran."""
+    results = tmp_path / "results"
+    for seed in range(3):
+        for grid, size, ours in (("converged", 28, 80.0), ("converged_geometry", 40, 84.0)):
+            _converged_cell(results, "Conv phase only", 1000, seed, 82.0 + seed, [80.0] * 5, grid, size)
+            _converged_cell(results, "Two-phase, our recipe", 1000, seed, ours + seed, [80.0] * 5, grid, size)
+        _converged_cell(results, "Conv phase only", 2000, seed, 90.0, [80.0] * 5)  # no 2k geometry cell: left out
+    report = write_report(results, configs=GRIDS).read_text()
+    section = report[report.index("## Grid size"):report.index("## Table 1")]
+    # SE of 3 seeds 0/1/2 apart: 0.58; 2 SE of a difference of two such arms: 2 * sqrt(2/3) = 1.63
+    assert "| 1000 | 28 px, 7x7 grid | 83.00 ± 0.58 (3) | 81.00 ± 0.58 (3) | -2.00 (±1.63) | — | — |" in section
+    assert "| 1000 | 40 px, 10x10 grid | 83.00 ± 0.58 (3) | 85.00 ± 0.58 (3) | +2.00 (±1.63) | — | — |" in section
+    assert "| 2000 |" not in section and "Progress: 6 of" in section
 
 
 def test_report_converged_conversion_drop_and_shift_table(tmp_path):

@@ -37,6 +37,7 @@ PAPER_TABLE1 = {
 
 COMMANDS = {
     "converged": "cmhsa experiment converged --budget full",
+    "converged_geometry": "cmhsa experiment converged_geometry --budget full",
     "table1": "cmhsa experiment table1 --budget full",
     "warmup": "cmhsa experiment warmup --budget full",
     "efficiency": "cmhsa experiment efficiency --budget full",
@@ -340,6 +341,48 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         f"![accuracy against wall-clock]({grid.name}/wall_clock.png) ![Table 1 bars]({grid.name}/table1_bars.png)",
         "", *([f"![budget pilot](converged_budget.png)", "", pilot] if pilot else []),
     ])
+
+
+GEOMETRY_ARMS = ("Two-phase, our recipe", "Two-phase, paper recipe")
+
+
+def _grid_label(cell: dict) -> str:
+    size = cell["config"]["data"].get("img_size", 28)
+    patch = cell["config"].get("model", {}).get("kwargs", {}).get("patch_size", 4)  # the cmhsa*_tiny models' P
+    return f"{size} px, {size // patch}x{size // patch} grid"
+
+
+def _geometry(converged: Path, geometry: Path) -> Optional[str]:
+    """Phase 2's gain (two-phase − conv phase only, full-test top-1) on the converged grid's 7x7 patches beside the
+    larger grid of the geometry grid, at the training-set sizes the geometry grid ran."""
+    geo = read_cells(geometry)
+    if not geo:
+        return None
+    sizes = {c["config"]["data"]["train_subset"] for c in geo}
+    rows = ["| training images | image and grid | Conv phase only | " +
+            " | ".join(f"{arm} | gain (2 SE)" for arm in GEOMETRY_ARMS) + " |",
+            "| ---: | --- | ---: |" + " ---: | ---: |" * len(GEOMETRY_ARMS)]
+    for cells in (read_cells(converged), geo):
+        test: Dict[Tuple[int, str], Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+        for c in cells:
+            if c["config"]["data"]["train_subset"] in sizes:
+                test[c["config"]["data"]["train_subset"], _grid_label(c)][c["label"]].append(c["test"]["top1"])
+        for (n, grid), by in sorted(test.items()):
+            conv = by.get("Conv phase only")
+            cols = []
+            for arm in GEOMETRY_ARMS:
+                if arm not in by:
+                    cols += ["—", "—"]
+                    continue
+                noise = two_standard_errors(by[arm], conv) if conv else None
+                gain = f"{statistics.fmean(by[arm]) - statistics.fmean(conv):+.2f}" if conv else "—"
+                cols += [_se_text(by[arm]), gain + (f" (±{noise:.2f})" if noise is not None else "")]
+            rows.append(f"| {n} | {grid} | {_se_text(conv) if conv else '—'} | " + " | ".join(cols) + " |")
+    return "\n".join([
+        "Test top-1 (full test set, mean ± SE over seeds) and phase 2's gain over the conv phase alone at equal steps, "
+        "on the 7x7 grid of 28 px images and on a larger grid of the same images upsampled "
+        "(`configs/experiments/converged_geometry.yaml`). If phase 2's value is long-range context, the gain should "
+        "grow with the grid.", "", *rows])
 
 
 # --- table1 ------------------------------------------------------------------------------------------------------
@@ -828,6 +871,8 @@ def write_report(results: str | Path = "results", budget: str = "full",
         ("Converged protocol: every row trained until it stops improving", "converged",
          _converged(grids["converged"], grid_dir(results, "converged_budget", budget),
                     Path(configs) / "converged.yaml")),
+        ("Grid size: phase 2's gain when the conv phase sees less of the image", "converged_geometry",
+         _geometry(grids["converged"], grids["converged_geometry"])),
         ("Table 1 (short budget: 20 epochs, about 300 steps)", "table1", _table1(grids["table1"])),
         ("Figure 2: warm-up (short budget)", "warmup", _warmup(grids["warmup"], noise)),
         ("Data efficiency (short budget)", "efficiency", _efficiency(grids["efficiency"], noise)),

@@ -229,7 +229,8 @@ def _equal_wall_clock(cells: List[dict], labels: List[str], size: int) -> List[s
     group = _by_label([c for c in cells if c["config"]["data"]["train_subset"] == size])
     if len(group) < 2:
         return []
-    budget = min(statistics.fmean(_trajectory(c)[2][-1] for c in runs) for runs in group.values())
+    curves = {id(c): _trajectory(c)[1:] for runs in group.values() for c in runs}  # (val top-1, seconds) per run
+    budget = min(statistics.fmean(curves[id(c)][1][-1] for c in runs) for runs in group.values())
     rows = [f"Equal wall-clock at {size} images: val top-1 after {budget / 60:.0f} CPU minutes (one thread), the "
             "cheapest row's whole run; rows that had not finished an epoch by then show —. Times come from "
             "machines that other jobs shared, so read this as a rough ranking.", "",
@@ -238,7 +239,7 @@ def _equal_wall_clock(cells: List[dict], labels: List[str], size: int) -> List[s
     for label in (l for l in labels if l in group):
         at, end, took = [], [], []
         for c in group[label]:
-            _, top1, seconds = _trajectory(c)
+            top1, seconds = curves[id(c)]
             reached = [v for v, t in zip(top1, seconds) if t <= budget * 1.001]
             if reached:
                 at.append(reached[-1])

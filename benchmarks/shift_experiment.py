@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from cmhsa.analysis import shift_consistency
-from cmhsa.config import RunConfig, load_config
+from cmhsa.config import RunConfig
 from cmhsa.data import create_datasets, create_loader
-from cmhsa.experiments import hardware
+from cmhsa.experiments import cell_configs, hardware, load_experiment
 from cmhsa.provenance import git_state
 from cmhsa.models import convert_model, with_img_size
 from cmhsa.pipeline import (convert_settings, converted_spec, create_model, load_model, model_spec, open_run,
@@ -33,25 +33,24 @@ from cmhsa.pipeline import (convert_settings, converted_spec, create_model, load
 from cmhsa.rundir import RunDir
 
 MODEL_KWARGS = {"baseline": {}, "aps_circular": {"anchor": "aps", "padding_mode": "circular"}}
-# table1's DeiT-base, trained for both phases' epochs
-DEIT_BASE = ["model.name=deit_base_patch16_224",
-             'model.kwargs={"patch_size": 4, "embed_dim": 128, "depth": 12, "num_heads": 4, "drop_path_rate": 0.1}']
+TABLE1 = "configs/experiments/table1.yaml"
 
 
 def config_for(args, variant: str, seed: int) -> RunConfig:
-    """Table 1's recipe (configs/experiments/table1.yaml, cells cmhsa5 and deit_base) at this script's budget."""
-    overrides = [f"name=shift-{variant}-s{seed}", f"output={args.runs}/{variant}-s{seed}",
-                 f"data.train_subset={args.train_subset}", f"data.val_subset={args.val_subset}",
-                 f"train.seed={seed}", f"train.batch_size={args.batch_size}", "train.precision=fp32",
-                 "train.label_smoothing=0.1", "train.mixup=0.2", "train.warmup_epochs=1",
-                 f"phase1.epochs={args.phase1_epochs}", "phase1.lr=2.0e-3", "phase1.warmup_epochs=1",
-                 f"phase2.epochs={args.phase2_epochs}", "phase2.lr=5.0e-4", "phase2.warmup_epochs=1",
-                 "convert.kwargs={\"drop_path_rate\": 0.1}"]
+    """Table 1's cell (``deit_base``, or ``cmhsa5`` with the product's factorized layer, which the local form
+    restricts to a window) at this script's budget."""
+    cell = "deit_base" if variant == "deit_base" else "cmhsa5"
+    config = cell_configs(load_experiment(TABLE1), "full", [seed], only=[cell])[0]["config"]
+    settings = {"name": f"shift-{variant}-s{seed}", "output": f"{args.runs}/{variant}-s{seed}",
+                "data.train_subset": args.train_subset, "data.val_subset": args.val_subset,
+                "train.batch_size": args.batch_size, "train.precision": "fp32"}
     if variant == "deit_base":
-        overrides += [*DEIT_BASE, f"phase1.epochs={args.phase1_epochs + args.phase2_epochs}", "phase1.lr=1.0e-3"]
+        settings["phase1.epochs"] = args.phase1_epochs + args.phase2_epochs
     else:
-        overrides.append(f"model.kwargs={json.dumps({'drop_path_rate': 0.1, **MODEL_KWARGS[variant]})}")
-    return load_config("configs/fmnist_tiny.yaml", overrides)
+        settings.update({"phase1.epochs": args.phase1_epochs, "phase2.epochs": args.phase2_epochs,
+                         "convert.form": "factorized",
+                         "model.kwargs": {**config.model.kwargs, **MODEL_KWARGS[variant]}})
+    return config.set(settings)
 
 
 def val_batches(config: RunConfig, img_size: int):

@@ -136,3 +136,34 @@ def test_bad_anchor_and_padding_arguments():
         timm.create_model("cmhsa5_conv_tiny", anchor="random")
     with pytest.raises(ValueError, match="padding_mode must be"):
         timm.create_model("cmhsa5_conv_tiny", padding_mode="reflect")
+
+
+def test_shift_experiment_runs_table1_cells_at_its_own_budget():
+    """benchmarks/shift_experiment.py takes model and recipe from table1.yaml's cells, not from its own copies."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from cmhsa.experiments import cell_configs, load_experiment
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("shift_experiment", root / "benchmarks" / "shift_experiment.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.TABLE1 = str(root / script.TABLE1)
+    args = argparse.Namespace(runs="runs/x", train_subset=500, val_subset=300, phase1_epochs=3, phase2_epochs=2,
+                              batch_size=32)
+    table1 = {c["cell"]: c["config"] for c in cell_configs(load_experiment(script.TABLE1), "full", [2])}
+
+    deit = script.config_for(args, "deit_base", seed=2)
+    assert deit.model == table1["deit_base"].model and deit.phase1.lr == table1["deit_base"].phase1.lr
+    assert deit.phase1.epochs == 5 and deit.train.seed == 2  # both phases' epochs, in one model
+
+    aps = script.config_for(args, "aps_circular", seed=2)
+    cmhsa5 = table1["cmhsa5"]
+    assert aps.model.name == cmhsa5.model.name
+    assert aps.model.kwargs == {**cmhsa5.model.kwargs, "anchor": "aps", "padding_mode": "circular"}
+    assert (aps.phase1.lr, aps.phase2.lr, aps.train.mixup) == (cmhsa5.phase1.lr, cmhsa5.phase2.lr, cmhsa5.train.mixup)
+    assert (aps.phase1.epochs, aps.phase2.epochs, aps.data.train_subset, aps.data.val_subset, aps.train.batch_size) \
+        == (3, 2, 500, 300, 32)
+    assert aps.convert.form == "factorized" and aps.output == "runs/x/aps_circular-s2"

@@ -7,7 +7,9 @@ convert -> phase 2) or ``train`` (one model, trained with the ``phase1`` setting
 ``<results>/<experiment>[-quick]/cells/<cell>__seed<k>.json`` with its config, per-epoch metrics, timings and the
 hardware. A finished cell is skipped; an interrupted one resumes from its checkpoint. A cell whose run config is
 identical (apart from its name and output directory) to a finished cell of any grid under the same results root
-reuses that record instead of training again; the record says where it came from (``reused_from``).
+reuses that record instead of training again; the record says where it came from (``reused_from``). Likewise a
+pipeline cell whose phase 1 is the same run as a finished phase 1 under the same runs root (e.g. two phase-2 recipes
+of one seed) copies that phase 1 and trains only phase 2 (``phase1_from`` in its record).
 
 Budgets in optimizer steps. A cell (or the grid's ``steps``) may give ``steps: {phase1: S1, phase2: S2}`` and
 ``warmup_steps``: they become epochs for the cell's subset size and batch size (``ceil(S / (n // batch))``), so a
@@ -22,6 +24,7 @@ import functools
 import json
 import math
 import platform
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -30,6 +33,7 @@ import yaml
 
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
+from .checkpoint import has_checkpoint
 from .config import ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
@@ -102,9 +106,13 @@ def results_dir(spec: Dict[str, Any], budget: str, root: str | Path = "results")
     return Path(root) / (spec["name"] if budget == "full" else f"{spec['name']}-{budget}")
 
 
+def _run_path(runs_root: str | Path, grid: str, budget: str, cell: str, seed: int | str) -> Path:
+    return Path(runs_root) / grid / budget / cell / f"seed{seed}"
+
+
 def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_root: str | Path = "runs/experiments",
                  only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    """One entry per cell x seed: ``{cell, label, kind, seed, config}``: the base config, then the experiment's
+    """One entry per cell x seed: ``{cell, label, kind, seed, config, runs}``: the base config, then the experiment's
     ``common`` overrides, the cell's, the budget's (so ``quick`` can shrink any cell) and the seed."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
@@ -119,9 +127,9 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
             # one set: the step budget's epochs and the budget's overrides only have to be valid together
             config = config.set({**_step_budget(spec, cell, config), **parse_overrides(budget_overrides),
                                  "train.seed": seed, "name": cell["name"],
-                                 "output": str(Path(runs_root) / spec["name"] / budget / cell["name"] / f"seed{seed}")})
+                                 "output": str(_run_path(runs_root, spec["name"], budget, cell["name"], seed))})
             out.append({"cell": cell["name"], "label": cell.get("label", cell["name"]),
-                        "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config})
+                        "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config, "runs": runs_root})
     return out
 
 
@@ -161,16 +169,44 @@ def _can_resume(run: RunDir, config: RunConfig) -> bool:
         return False
 
 
+def _phase1_identity(config: RunConfig) -> tuple:
+    """What a pipeline's phase 1 computes: the model, the data and the resolved phase-1 training settings."""
+    return config.model, config.data, config.phase_config("phase1")
+
+
+def _finished_phase1(config: RunConfig, runs_root: str | Path) -> Optional[Path]:
+    """Another run directory under ``runs_root`` whose phase 1 is the finished phase 1 ``config`` would train."""
+    identity, epochs = _phase1_identity(config), config.phase_config("phase1").epochs
+    for path in sorted(Path(runs_root).glob(_run_path(".", "*", "*", "*", "*").as_posix())):
+        donor = RunDir(path)
+        try:
+            saved = donor.saved_config()
+        except ValueError:  # a config.yaml this version cannot read
+            continue
+        if saved is None or path.resolve() == config.run_dir().resolve() or _phase1_identity(saved) != identity:
+            continue
+        phase1 = donor.phase("phase1")
+        if len(phase1.read_metrics()) == epochs and has_checkpoint(phase1.last):
+            return path
+    return None
+
+
 def _run_cell(entry: Dict[str, Any], budget: str, progress: bool) -> Dict[str, Any]:
     config: RunConfig = entry["config"]
     run = RunDir(config.run_dir())
     resume = _can_resume(run, config)
     if entry["kind"] == "pipeline":
-        summary = run_pipeline(config, resume=resume, progress=progress)
+        donor = None if resume else _finished_phase1(config, entry["runs"])
+        if donor is not None:  # start the run with that phase 1 in place; resuming it trains phase 2 only
+            with run:
+                run.start(config, resume=False)
+                shutil.copytree(RunDir(donor).phase("phase1").root, run.phase("phase1").root)
+        summary = run_pipeline(config, resume=resume or donor is not None, progress=progress)
         phases = {p: run.phase(p).read_metrics() for p in ("phase1", "phase2")}
         return {"final": phases["phase2"][-1], "phases": phases, "params": summary["phase2"]["params"],
                 "train_seconds": summary["phase1"]["train_seconds"] + summary["phase2"]["train_seconds"],
-                "transfer": summary["transfer"], "test": _test_metrics(config, run.root, budget)}
+                "transfer": summary["transfer"], "test": _test_metrics(config, run.root, budget),
+                **({"phase1_from": str(donor)} if donor is not None else {})}
     spec = model_spec(config)
     model = create_model(spec, seed=config.phase_config("phase1").seed)
     params = sum(p.numel() for p in model.parameters())

@@ -107,12 +107,12 @@ def test_pipeline_cell_takes_a_finished_identical_phase1(tmp_path):
     spec.update(seeds=[0], cells=[two_phase, dict(two_phase, name="soft", overrides=[
         *two_phase["overrides"], "convert.bias_strength=12"]), dict(two_phase, name="other_lr", overrides=[
         *two_phase["overrides"], "phase1.lr=1.0e-4"])])
-    out = run_experiment(spec, results_root=results, runs_root=runs, progress=False)
+    out = run_experiment(spec, "quick", results_root=results, runs_root=runs, progress=False)
     cells = {c["cell"]: c for c in read_cells(out)}
-    donor = runs / "mini/full/two_phase/seed0"
+    donor = runs / "mini/quick/two_phase/seed0"
     assert cells["soft"]["phase1_from"] == str(donor) and "phase1_from" not in cells["two_phase"]
     assert cells["soft"]["phases"]["phase1"] == cells["two_phase"]["phases"]["phase1"]
-    copied = runs / "mini/full/soft/seed0/phase1/last"
+    copied = runs / "mini/quick/soft/seed0/phase1/last"
     assert all((copied / f.name).read_bytes() == f.read_bytes() for f in (donor / "phase1/last").iterdir())
     assert cells["soft"]["config"]["convert"]["bias_strength"] == 12  # its own conversion and phase 2
     assert cells["soft"]["transfer"]["float64"]["logits_error"] > cells["two_phase"]["transfer"]["float64"]["logits_error"]

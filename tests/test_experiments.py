@@ -321,6 +321,15 @@ def test_report_converged_protocol(tmp_path):
         _converged_cell(results, "Two-phase, our recipe", 2000, seed, ours, flat)
     assert "2000: +1.00 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
 
+    # a target without a margin (beat ConViT) is not met by a gap below zero, nor by one within the noise
+    for seed, convit in enumerate((84.0, 84.5, 83.5)):
+        _converged_cell(results, "ConViT", 2000, seed, convit, flat)
+    assert "Two-phase, our recipe − ConViT, test top-1 by training-set size: 2000: -1.00 (2 SE ±0.82) — target " \
+        "**not met**." in write_report(results, configs=GRIDS).read_text()
+    for seed, convit in enumerate((82.5, 83.0, 82.0)):
+        _converged_cell(results, "ConViT", 2000, seed, convit, flat)
+    assert "2000: +0.50 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
+
 
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():
     assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"

@@ -331,6 +331,19 @@ def test_report_converged_protocol(tmp_path):
     assert "2000: +0.50 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
 
 
+def test_report_judges_the_per_parameter_lr_recipe_against_conv_and_ours(tmp_path):
+    results, flat = tmp_path / "results", [80.0] * 20
+    for seed, (lr, ours, conv) in enumerate([(86.0, 85.0, 83.0), (86.5, 85.5, 83.5), (85.5, 84.5, 82.5)]):
+        _converged_cell(results, "Two-phase, our recipe + per-parameter lr", 2000, seed, lr, flat)
+        _converged_cell(results, "Two-phase, our recipe", 2000, seed, ours, flat)
+        _converged_cell(results, "Conv phase only", 2000, seed, conv, flat)
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "Two-phase, our recipe + per-parameter lr − Conv phase only, test top-1 by training-set size: 2000: " \
+        "+3.00 (2 SE ±0.82) — target met." in report
+    assert "Two-phase, our recipe + per-parameter lr − Two-phase, our recipe, test top-1 by training-set size: " \
+        "2000: +1.00 (2 SE ±0.82) — target met." in report
+
+
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():
     assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"
     assert _short_title("Figure 2: warm-up (short budget)") == "Figure 2"

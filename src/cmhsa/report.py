@@ -280,7 +280,7 @@ def _conversion_drops(cells: List[dict], labels: List[str]) -> List[str]:
         if "val_after_conversion" in t:
             drops[c["label"]].append(t["val_after_conversion"]["top1"] - t["val_before_conversion"]["val_top1"])
     return [f"- {label}: val top-1 right after conversion − end of phase 1: {_fmt(drops[label])} points over "
-            f"{len(drops[label])} runs — {'within' if max(map(abs, drops[label])) <= 1 else '**not** within'} "
+            f"{len(drops[label])} run{'s' if len(drops[label]) > 1 else ''} — {'within' if max(map(abs, drops[label])) <= 1 else '**not** within'} "
             f"1 point in every run." for label in labels if label in drops]
 
 

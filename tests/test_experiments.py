@@ -262,6 +262,18 @@ def test_grid_sizes_and_step_budget(tmp_path):
     # a cell with its own train_size keeps it, and the grid's batch 64: 4 steps per epoch -> ceil(12.5) = 13
     assert entries["fixed"].data.train_subset == 300 and entries["fixed"].phase1.epochs == 13
 
+    # a cell's own sizes keep it to some of the grid's
+    spec["cells"][0]["sizes"] = [400]
+    path.write_text(yaml.safe_dump(spec))
+    assert sorted(e["cell"] for e in cell_configs(load_experiment(path), "full", [0])) == \
+        ["conv_n400", "fixed", "two_phase_n100", "two_phase_n400"]
+    for bad in ([300], [], 400):
+        spec["cells"][0]["sizes"] = bad
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ValueError, match="cell 'conv' has sizes .*give a list of the grid's sizes \\(100, 400\\)"):
+            load_experiment(path)
+    del spec["cells"][0]["sizes"]
+
     spec["sizes"] = {100: 200}
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="sizes must map training-subset sizes to batch sizes"):

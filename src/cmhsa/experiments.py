@@ -14,7 +14,8 @@ of one seed) copies that phase 1 and trains only phase 2 (``phase1_from`` in its
 Budgets in optimizer steps. A cell (or the grid's ``steps``) may give ``steps: {phase1: S1, phase2: S2}`` and
 ``warmup_steps``: they become epochs for the cell's subset size and batch size (``ceil(S / (n // batch))``), so a
 small subset trains for as many updates as a large one. A grid with ``sizes: {n: batch_size, ...}`` repeats every
-cell that has no ``train_size`` of its own at each subset size ``n`` (named ``<cell>_n<n>``), with that batch size.
+cell that has no ``train_size`` of its own at each subset size ``n`` (named ``<cell>_n<n>``), with that batch size;
+a cell's own ``sizes: [n, ...]`` keeps it to some of them.
 Every finished cell is also scored once on the dataset's whole test split (``test`` in its record).
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def load_experiment(path: str | Path) -> Dict[str, Any]:
 
 
 def _expand_sizes(spec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
-    """Cells repeated over the grid's ``sizes`` ({subset size: batch size}); cells with a train_size stay as they are."""
+    """Cells repeated over the grid's ``sizes`` ({subset size: batch size}), or over the cell's own ``sizes`` (a list,
+    some of the grid's); cells with a train_size stay as they are."""
     sizes = spec.get("sizes")
     if not sizes:
         return spec["cells"]
@@ -78,7 +80,11 @@ def _expand_sizes(spec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
         if "train_size" in cell:
             cells.append(cell)
             continue
-        for n, batch in sizes.items():
+        only = cell.get("sizes", list(sizes))
+        if not isinstance(only, list) or not only or not set(only) <= set(sizes):
+            raise ValueError(f"{path}: cell {cell['name']!r} has sizes {only!r}; give a list of the grid's sizes "
+                             f"({', '.join(map(str, sizes))}), or leave it out to run at all of them")
+        for n, batch in ((n, b) for n, b in sizes.items() if n in only):
             cells.append({**cell, "name": f"{cell['name']}_n{n}", "train_size": n,
                           "overrides": [*cell.get("overrides", []), f"data.train_subset={n}",
                                         f"train.batch_size={batch}"]})

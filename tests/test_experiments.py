@@ -454,8 +454,16 @@ def test_report_shift_section_reads_the_shift_experiment(tmp_path):
         (results / "shift" / f"aps_circular_s{seed}.json").write_text(json.dumps(record))
         deit = {"variant": "deit_base", "seed": seed, "budget": budget, "phase2": {**phase, "top1": 30.0}}
         (results / "shift" / f"deit_base_s{seed}.json").write_text(json.dumps(deit))
+    at56 = {"top1": 35.0, "images": 50, "shift_circular": {"2": 0.9, "8": 0.5}, "shift_zero": {"2": 0.8, "8": 0.4}}
+    local = {"variant": "local", "seed": 0, "budget": budget, "phase1": phase, "phase2": phase,
+             "phase1_at_56px": at56, "phase2_at_56px": {**at56, "top1": 33.0}}
+    (results / "shift" / "local_s0.json").write_text(json.dumps(local))
     report = write_report(results, configs=GRIDS).read_text()
     assert "## Shift equivariance" in report and "100 training images, 1 + 1 epochs" in report
+    # the local form's phase 1 is the baseline's: only its 56 px run is its own row
+    assert "| CMHSA-5, local attention form | phase1 |" not in report
+    assert "| CMHSA-5, local attention form | phase1 at 56 px | 1 | 35.00 | 0.900 | 0.500 | 0.800 | 0.400 |" in report
+    assert "| CMHSA-5, local attention form | phase2 at 56 px | 1 | 33.00 |" in report
     assert "| CMHSA-5, polyphase-anchored patches + circular padding | phase2 | 2 | 40.50 ± 0.71 | 1.000 ± 0.000 | " \
         "0.990 ± 0.014 | 0.900 ± 0.000 | 0.600 ± 0.000 |" in report
     assert "| DeiT-base | phase2 | 2 | 30.00 ± 0.00 |" in report and "| DeiT-base | phase1 |" not in report

@@ -706,7 +706,7 @@ def _forms(grid: Path) -> Optional[str]:
 
 SHIFT_VARIANTS = {"baseline": "CMHSA-5, zero padding, fixed patch grid",
                   "aps_circular": "CMHSA-5, polyphase-anchored patches + circular padding",
-                  "local": "CMHSA-5, local attention form (phase 2)",
+                  "local": "CMHSA-5, local attention form",
                   "deit_base": "DeiT-base"}
 
 
@@ -720,7 +720,7 @@ def _shift(results: Path) -> Optional[str]:
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for variant, label in SHIFT_VARIANTS.items():
         mine = [r for r in records if r["variant"] == variant]
-        for phase in ("phase1", "phase2", "phase2_at_56px"):
+        for phase in ("phase1", "phase2", "phase1_at_56px", "phase2_at_56px"):
             runs = [r[phase] for r in mine if phase in r]
             if not runs or (variant == "local" and phase == "phase1"):
                 continue
@@ -734,7 +734,9 @@ def _shift(results: Path) -> Optional[str]:
         f"{budget['phase1_epochs']} + {budget['phase2_epochs']} epochs (DeiT-base: their sum), scored on "
         f"{records[0]['phase2']['images']} fixed validation images; mean ± std over seeds. Shift consistency is the "
         "fraction of images whose predicted class a diagonal shift leaves unchanged. DeiT-base has one model, listed "
-        "as its phase 2.", "",
+        "as its phase 2. The local form's phase 1 is the baseline's conv phase; at 56 px (upsampled images, a 14x14 "
+        "grid) both of its phases run with the weights trained at 28 px, and shifts of 2 and 8 px are the 28 px "
+        "image's 1 and 4 px.", "",
         *rows, *_local_attention_bench(results)])
 
 

@@ -137,6 +137,7 @@ def test_report_tables_and_claims(tmp_path):
     assert "CMHSA-5 (ours) − CMHSA (2nd phase) = +14.50 points" in report and "**agrees**" in report
     assert "CMHSA-5 (ours) − CMHSA-5 (1st phase) = +0.75 points" in report and "**inconclusive**" in report
     assert "test cpu" in report and "Not run yet: `cmhsa experiment warmup --budget full`" in report
+    assert "Not run yet: `python benchmarks/shift_experiment.py --seeds 0 1 2`" in report
     assert (tmp_path / "results/table1/summary.csv").read_text().startswith("model,params,top1_mean")
     assert "Progress: 10 of 18 cells finished" in report  # the shipped table1 grid: 9 cells x 2 seeds
 
@@ -459,7 +460,7 @@ def test_report_shift_section_reads_the_shift_experiment(tmp_path):
              "phase1_at_56px": at56, "phase2_at_56px": {**at56, "top1": 33.0}}
     (results / "shift" / "local_s0.json").write_text(json.dumps(local))
     report = write_report(results, configs=GRIDS).read_text()
-    assert "## Shift equivariance" in report and "100 training images, 1 + 1 epochs" in report
+    assert "## Analysis: shift equivariance and local attention" in report and "100 training images, 1 + 1 epochs" in report
     # the local form's phase 1 is the baseline's: only its 56 px run is its own row
     assert "| CMHSA-5, local attention form | phase1 |" not in report
     assert "| CMHSA-5, local attention form | phase1 at 56 px | 1 | 35.00 | 0.900 | 0.500 | 0.800 | 0.400 |" in report

@@ -888,8 +888,10 @@ def write_report(results: str | Path = "results", budget: str = "full",
         ("Ablations (short budget): bias strength, null key, W_Q = W_K = 0", "ablations", _ablations(grids["ablations"], noise)),
         ("Attention forms: the paper's layer against the factorized layer (short budget)", "forms",
          _forms(grids["forms"])),
-        ("Shift equivariance and local attention (short budget)", None, _shift(results)),
-        ("Analysis: what the attention does after conversion", None, _analysis(results)),
+        ("Analysis: what the attention does after conversion", "cmhsa analyze <run> --out results/analysis/<name>",
+         _analysis(results)),
+        ("Analysis: shift equivariance and local attention (short budget)",
+         "python benchmarks/shift_experiment.py --seeds 0 1 2", _shift(results)),
     ]
     out = ["# cmhsa: results", "",
            "Li et al., *Can Vision Transformers Perform Convolution?* (2021), measured on data this machine has: "
@@ -897,18 +899,15 @@ def write_report(results: str | Path = "results", budget: str = "full",
            "below is read from `results/*/cells/*.json`; regenerate with `cmhsa report results`.", "",
            f"Hardware: {_hardware(list(grids.values()))}.", "", *_at_a_glance(sections),
            "## Setup", "", _setup(Path(configs)), ""]
-    for title, grid, body in sections:
+    for title, source, body in sections:  # source: a grid's name, or the command that writes the section's data
         out += [f"## {title}", ""]
         if body is None:
-            hint = COMMANDS[grid] if grid else ("python benchmarks/shift_experiment.py --seeds 0 1 2"
-                                                if title.startswith("Shift") else
-                                                "cmhsa analyze <run> --out results/analysis/<name>")
-            out += [f"Not run yet: `{hint}`.", ""]
+            out += [f"Not run yet: `{COMMANDS.get(source, source)}`.", ""]
             continue
         out += [body, ""]
-        if grid:
-            out += [_progress(grids[grid], Path(configs) / f"{grid}.yaml"), ""]
-            out += [f"Reproduce: `{COMMANDS[grid]}` (resumable; results in `{grids[grid].as_posix()}/cells/`).", ""]
+        if source in COMMANDS:
+            out += [_progress(grids[source], Path(configs) / f"{source}.yaml"), "",
+                    f"Reproduce: `{COMMANDS[source]}` (resumable; results in `{grids[source].as_posix()}/cells/`).", ""]
     path = results / "REPORT.md"
     path.write_text("\n".join(out))
     return path

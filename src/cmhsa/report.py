@@ -279,9 +279,13 @@ def _conversion_drops(cells: List[dict], labels: List[str]) -> List[str]:
         t = c.get("transfer") or {}
         if "val_after_conversion" in t:
             drops[c["label"]].append(t["val_after_conversion"]["top1"] - t["val_before_conversion"]["val_top1"])
-    return [f"- {label}: val top-1 right after conversion − end of phase 1: {_fmt(drops[label])} points over "
-            f"{len(drops[label])} run{'s' if len(drops[label]) > 1 else ''} — {'within' if max(map(abs, drops[label])) <= 1 else '**not** within'} "
-            f"1 point in every run." for label in labels if label in drops]
+    lines = []
+    for label in (l for l in labels if l in drops):
+        runs = f"{len(drops[label])} run" + ("s" if len(drops[label]) > 1 else "")
+        within = "within" if max(map(abs, drops[label])) <= 1 else "**not** within"
+        lines.append(f"- {label}: val top-1 right after conversion − end of phase 1: {_fmt(drops[label])} points over "
+                     f"{runs} — {within} 1 point in every run.")
+    return lines
 
 
 def _shift_table(cells: List[dict], labels: List[str], size: int) -> List[str]:

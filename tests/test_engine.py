@@ -483,6 +483,36 @@ def _resume_cfg(**overrides):
                        **overrides)
 
 
+def test_eval_every_skips_evaluations_and_leaves_training_unchanged(digits, tmp_path):
+    every, sparse = mlp(seed=0), mlp(seed=0)
+    fit(every, *loaders(digits), _resume_cfg(), tmp_path / "every", progress=False)
+    result = fit(sparse, *loaders(digits), _resume_cfg(eval_every=3), tmp_path / "sparse", progress=False)
+    assert_same_weights(sparse, every)  # evaluation draws no training randomness
+    every_lines, sparse_lines = read_metrics(tmp_path / "every"), read_metrics(tmp_path / "sparse")
+    # epochs 0-3: evaluated after the 3rd epoch (index 2) and after the last
+    assert ["val_top1" in m for m in sparse_lines] == [False, False, True, True]
+    assert not any(k.startswith(("val_", "ema_val_")) for k in sparse_lines[0])
+    for a, b in zip(every_lines, sparse_lines):
+        assert a["train_loss"] == b["train_loss"]
+        assert all(a[k] == b[k] for k in b if k.startswith(("val_", "ema_val_")))
+    assert result["val_top1"] == every_lines[-1]["val_top1"]
+    assert result["best_top1"] == max(m["val_top1"] for m in sparse_lines if "val_top1" in m)
+    assert result["best_epoch"] in (2, 3)
+
+
+def test_eval_every_may_change_on_resume(digits, tmp_path):
+    def stop_after_epoch_1(epoch, metrics):
+        if epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(mlp(seed=0), *loaders(digits), _resume_cfg(eval_every=2), tmp_path, progress=False,
+            on_epoch_end=stop_after_epoch_1)
+    result = fit(mlp(seed=0), *loaders(digits), _resume_cfg(), tmp_path, progress=False)
+    assert result["epochs_run"] == 2
+    assert ["val_top1" in m for m in read_metrics(tmp_path)] == [False, True, True, True]
+
+
 def test_resume_is_exact(digits, tmp_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = mlp(seed=0)
@@ -616,3 +646,5 @@ def test_checkpoint_every_keeps_epoch_weights(digits, tmp_path):
     assert again["epochs_run"] == 0
     with pytest.raises(ValueError, match="checkpoint_every"):
         TrainConfig(checkpoint_every=-1)
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=0)

@@ -99,6 +99,24 @@ def test_identical_run_in_another_grid_is_reused(tmp_path):
     assert "reused_from" not in fresh and (runs / "other/full/other_lr/seed0/train/metrics.jsonl").exists()
 
 
+def test_settings_that_do_not_change_results_keep_a_cell_finished(tmp_path):
+    """How often a run evaluates or logs, and where it runs, is not what it computes: the record stands."""
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    spec = load_experiment(make_grid(tmp_path))
+    spec["seeds"] = [0]
+    run_experiment(spec, results_root=results, runs_root=runs, progress=False, only=["conv"])
+    record = results / "mini/cells/conv__seed0.json"
+    before = record.read_text()
+    conv = spec["cells"][0]
+    spec["cells"] = [dict(conv, overrides=[*conv["overrides"], "train.eval_every=2", "train.log_interval=7",
+                                           "train.device=cpu"])]
+    run_experiment(spec, results_root=results, runs_root=runs, progress=False)
+    assert record.read_text() == before
+    spec["cells"] = [dict(conv, overrides=[*conv["overrides"], "train.label_smoothing=0.0"])]
+    run_experiment(spec, results_root=results, runs_root=runs, progress=False)
+    assert json.loads(record.read_text())["config"]["train"]["label_smoothing"] == 0.0  # a real change reruns
+
+
 def test_pipeline_cell_takes_a_finished_identical_phase1(tmp_path):
     """Two phase-2 recipes of one seed train phase 1 once; a cell whose phase 1 differs trains its own."""
     results, runs = tmp_path / "results", tmp_path / "runs"
@@ -146,7 +164,8 @@ def _cell(grid_dir: Path, cell: str, label: str, top1: float, seed: int = 0, cur
     record = {"cell": cell, "label": label, "kind": "train", "seed": seed, "params": 1000, "train_seconds": 1.0,
               "config": {"data": {"train_subset": extra.pop("n", 2000)}}, "hardware": {"cpu": "test cpu"},
               "final": {"val_top1": top1, "val_top5": 99.0, "val_loss": 1.0},
-              "phases": {"train": [{"val_top1": v, "val_loss": 1.0} for v in (*curve, top1)]}, **extra}
+              "phases": {"train": [{"epoch": e, "val_top1": v, "val_loss": 1.0}
+                                   for e, v in enumerate((*curve, top1))]}, **extra}
     (grid_dir / "cells").mkdir(parents=True, exist_ok=True)
     (grid_dir / "cells" / f"{cell}__seed{seed}.json").write_text(json.dumps(record))
 
@@ -301,6 +320,14 @@ def _converged_cell(results: Path, label: str, n: int, seed: int, test_top1: flo
               "phases": {"train": [{"val_top1": v, "epoch_seconds": 60.0} for v in curve]}}
     (results / grid / "cells").mkdir(parents=True, exist_ok=True)
     (results / grid / "cells" / f"{label}_n{n}__seed{seed}.json").write_text(json.dumps(record))
+
+
+def test_trajectory_skips_unevaluated_epochs_but_counts_their_steps_and_time():
+    from cmhsa.report import _trajectory
+    lines = [{"epoch_seconds": 10.0, **({"val_top1": 50.0 + e} if e % 2 else {})} for e in range(6)]  # eval_every=2
+    cell = {"config": {"data": {"train_subset": 1000}, "train": {"batch_size": 100}, "phase1": {}},
+            "phases": {"train": lines}}
+    assert _trajectory(cell) == ([20, 40, 60], [51.0, 53.0, 55.0], [20.0, 40.0, 60.0])
 
 
 def test_report_converged_protocol(tmp_path):

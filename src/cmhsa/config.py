@@ -113,6 +113,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = field(default=0, metadata=_NON_NEGATIVE)
     log_interval: int = field(default=50, metadata=_AT_LEAST_1)  # steps between progress updates / loss checks
+    # evaluate every n epochs and after the last; training does not depend on it (each epoch's randomness is seeded
+    # afresh), so only the curve's resolution and best/ change
+    eval_every: int = field(default=1, metadata=_AT_LEAST_1)
     max_steps_per_epoch: Optional[int] = field(default=None, metadata=_AT_LEAST_1)  # cap, for smoke tests
     checkpoint_every: int = field(default=0, metadata=_NON_NEGATIVE)  # keep epoch_XXX/ weights every n epochs
     num_classes: int = field(default=10, metadata=_AT_LEAST_1)  # set from the dataset, not a config key

@@ -53,7 +53,7 @@ from .attention import RelPosAttention
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from .config import PRECISIONS, TrainConfig
 from .models import CMHSA
-from .rundir import PhaseDir
+from .rundir import RESUME_FREE_KEYS, PhaseDir
 
 __all__ = [
     "TrainConfig",
@@ -85,7 +85,6 @@ _LOGGER = logging.getLogger(__name__)
 _PRECISIONS = PRECISIONS
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Config fields that may change between a run and its resume without changing the results.
-_RESUME_FREE_FIELDS = frozenset({"device", "compile", "log_interval", "checkpoint_every"})
 
 
 # --------------------------------------------------------------------------------------------- devices
@@ -520,10 +519,10 @@ class TrainState:
     def best(self) -> Dict[str, Any]:
         return {"best_top1": self.best_top1, "best_epoch": self.best_epoch}
 
-    def end_epoch(self, epoch: int, val_top1: float) -> bool:
-        """Move on past ``epoch``; True if its val top-1 is the best so far."""
+    def end_epoch(self, epoch: int, val_top1: Optional[float]) -> bool:
+        """Move on past ``epoch``; True if its val top-1 (None: not evaluated) is the best so far."""
         self.epoch = epoch + 1
-        improved = val_top1 > self.best_top1
+        improved = val_top1 is not None and val_top1 > self.best_top1
         if improved:
             self.best_top1, self.best_epoch = val_top1, epoch
         return improved
@@ -572,7 +571,7 @@ def _check_resumable(extra: Dict[str, Any], phase: str, config: Dict[str, Any], 
     changed = [
         f"{name}: {saved.get(name)!r} -> {value!r}"
         for name, value in config.items()
-        if name not in _RESUME_FREE_FIELDS and saved.get(name) != value
+        if name not in RESUME_FREE_KEYS and saved.get(name) != value
     ]
     if changed:
         raise ValueError(
@@ -606,12 +605,10 @@ def _validate(model: nn.Module, ema: Optional[ModelEmaV3], loader: DataLoader, d
 
 
 def _record(phase: str, epoch: int, train: Dict[str, Any], val: Dict[str, float]) -> Dict[str, Any]:
-    """The epoch's metrics line."""
-    return {"phase": phase, "epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
-            "val_top1": val["val_top1"], "val_top5": val["val_top5"], "lr": train["lr"],
+    """The epoch's metrics line; ``val`` is empty on epochs that were not evaluated (``eval_every``)."""
+    return {"phase": phase, "epoch": epoch, "train_loss": train["train_loss"], **val, "lr": train["lr"],
             "epoch_seconds": train["epoch_seconds"], "images_per_second": train["images_per_second"],
-            "precision": train["precision"], "wall_time": time.time(),  # unix time at the end of the epoch
-            **{k: v for k, v in val.items() if k.startswith("ema_")}}
+            "precision": train["precision"], "wall_time": time.time()}  # unix time at the end of the epoch
 
 
 def _save_epoch(out: PhaseDir, state: TrainState, cfg: TrainConfig, record: Dict[str, Any], improved: bool,
@@ -629,9 +626,10 @@ def _save_epoch(out: PhaseDir, state: TrainState, cfg: TrainConfig, record: Dict
 
 
 def _log_epoch(record: Dict[str, Any], cfg: TrainConfig, progress: bool) -> None:
+    val = (f"val_loss {record['val_loss']:.4f}  top1 {record['val_top1']:.2f}  top5 {record['val_top5']:.2f}  "
+           if "val_top1" in record else "")
     line = (f"[{record['phase']}] epoch {record['epoch'] + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
-            f"val_loss {record['val_loss']:.4f}  top1 {record['val_top1']:.2f}  top5 {record['val_top5']:.2f}  "
-            f"lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
+            f"{val}lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
     if progress:
         tqdm.write(line)
     else:
@@ -653,8 +651,9 @@ def fit(
     """Train ``model`` for ``cfg.epochs`` epochs with checkpointing and exact resume; returns the final metrics.
 
     ``model`` is trained in place (moved to the resolved device; pass it unwrapped, DDP and compile are
-    applied here). After each epoch it is evaluated on ``val_loader`` (and so is the EMA model when
-    ``cfg.ema_decay`` is set), and rank 0 appends a line to ``out_dir/metrics.jsonl`` and writes the
+    applied here). After every ``cfg.eval_every``-th epoch and the last it is evaluated on ``val_loader`` (and so
+    is the EMA model when ``cfg.ema_decay`` is set). After each epoch rank 0 appends a line to
+    ``out_dir/metrics.jsonl`` (without the ``val_*`` keys when not evaluated) and writes the
     checkpoints ``out_dir/last/`` (everything needed to resume) and ``out_dir/best/`` (weights with the best
     val top-1 so far, plus its metrics), see :mod:`cmhsa.checkpoint` and :class:`cmhsa.rundir.PhaseDir`.
 
@@ -662,8 +661,8 @@ def fit(
     never interrupted; metrics lines of this phase for later epochs are dropped. A corrupt ``last/`` falls back
     to the checkpoint of the epoch before it, with a warning. A finished run loads its final weights and returns
     its stored metrics without training. The checkpoint must come from the same ``phase`` and config (only
-    ``device``, ``compile``, ``log_interval`` and ``checkpoint_every`` may differ), else ValueError. Without
-    ``resume`` any metrics lines of this phase are dropped and training starts from scratch.
+    ``device``, ``compile``, ``log_interval``, ``checkpoint_every`` and ``eval_every`` may differ), else
+    ValueError. Without ``resume`` any metrics lines of this phase are dropped and training starts from scratch.
 
     Args:
         phase: label written into every metrics line; use one ``out_dir`` per phase.
@@ -701,8 +700,10 @@ def fit(
         train = train_one_epoch(train_model, train_loader, state.optimizer, loss_fn, cfg, epoch,
                                 scheduler=state.scheduler, mixup_fn=mixup_fn, ema=state.ema, device=device,
                                 progress=progress, scaler=state.scaler)
-        record = _record(phase, epoch, train, _validate(eval_model, state.ema, val_loader, device, cfg))
-        improved = state.end_epoch(epoch, record["val_top1"])
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1
+        record = _record(phase, epoch, train,
+                         _validate(eval_model, state.ema, val_loader, device, cfg) if evaluated else {})
+        improved = state.end_epoch(epoch, record.get("val_top1"))
         if rank == 0:
             _save_epoch(out, state, cfg, record, improved, config)
             _log_epoch(record, cfg, progress)

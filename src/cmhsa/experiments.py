@@ -39,7 +39,7 @@ from .config import ConvertConfig, PhaseConfig, RunConfig, load_config, parse_ov
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
 from .provenance import git_state
-from .rundir import RunDir
+from .rundir import RESUME_FREE_KEYS, RunDir
 
 __all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished", "read_cells", "hardware"]
 
@@ -175,8 +175,20 @@ def _can_resume(run: RunDir, config: RunConfig) -> bool:
         return False
 
 
+def _computed(config: RunConfig) -> RunConfig:
+    """``config`` with the settings that do not change what a run computes (where it runs, how often it logs,
+    evaluates or keeps weights: RESUME_FREE_KEYS) at their defaults."""
+    defaults = RunConfig()
+    return dataclasses.replace(config, name=defaults.name, output=defaults.output, **{
+        section: dataclasses.replace(getattr(config, section),
+                                     **{k: getattr(getattr(defaults, section), k) for k in RESUME_FREE_KEYS
+                                        if hasattr(getattr(defaults, section), k)})
+        for section in ("train", "phase1", "phase2")})
+
+
 def _phase1_identity(config: RunConfig) -> tuple:
     """What a pipeline's phase 1 computes: the model, the data and the resolved phase-1 training settings."""
+    config = _computed(config)
     return config.model, config.data, config.phase_config("phase1")
 
 
@@ -238,11 +250,12 @@ def recorded_config(record: Dict[str, Any]) -> Optional[RunConfig]:
 
 
 def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
-    """What a cell computes: its kind and its config without the name and output directory, and for a single
-    training run without the sections it never reads (the conversion and phase 2)."""
+    """What a cell computes: its kind and its config without the name, the output directory and the other settings
+    that do not change the result (:func:`_computed`), and for a single training run without the sections it never
+    reads (the conversion and phase 2)."""
     if config is None:
         return None
-    config = config.set({"name": "run", "output": None})
+    config = _computed(config)
     if kind == "train":
         config = dataclasses.replace(config, convert=ConvertConfig(), phase2=PhaseConfig())
     return kind, config

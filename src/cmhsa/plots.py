@@ -30,10 +30,13 @@ def plot_curves(phases: Dict[str, List[Dict]], out_png: str | Path, title: Optio
         if not lines:
             continue
         epochs = [start + m["epoch"] + 1 for m in lines]
+        evaluated = [(e, m) for e, m in zip(epochs, lines) if "val_top1" in m]  # eval_every may skip epochs
         color = f"C{i}"
         ax_loss.plot(epochs, [m["train_loss"] for m in lines], "--", color=color, label=f"{name} train")
-        ax_loss.plot(epochs, [m["val_loss"] for m in lines], "-", color=color, label=f"{name} val")
-        ax_acc.plot(epochs, [m["val_top1"] for m in lines], "-o", ms=3, color=color, label=f"{name} val top-1")
+        ax_loss.plot([e for e, _ in evaluated], [m["val_loss"] for _, m in evaluated], "-", color=color,
+                     label=f"{name} val")
+        ax_acc.plot([e for e, _ in evaluated], [m["val_top1"] for _, m in evaluated], "-o", ms=3, color=color,
+                    label=f"{name} val top-1")
         if start:
             for ax in (ax_loss, ax_acc):
                 ax.axvline(start + 0.5, color="grey", ls=":", lw=1)

@@ -95,16 +95,18 @@ def _write_csv(path: Path, rows: List[dict]) -> None:
         writer.writerows(rows)
 
 
-def _curve(cell: dict, key: str = "val_loss") -> List[float]:
-    """The attention phase's per-epoch values: phase 2 of a pipeline, or the single phase of a train cell."""
-    lines = cell["phases"].get("phase2") or cell["phases"].get("train") or []
-    return [m[key] for m in lines]
+def _curve(cell: dict, key: str = "val_loss") -> Tuple[List[int], List[float]]:
+    """The attention phase's (epochs counted from 1, values) on the epochs that have ``key`` (``eval_every`` may
+    skip some): phase 2 of a pipeline, or the single phase of a train cell."""
+    lines = [m for m in cell["phases"].get("phase2") or cell["phases"].get("train") or [] if key in m]
+    return [m["epoch"] + 1 for m in lines], [m[key] for m in lines]
 
 
 # --- converged protocol ---------------------------------------------------------------------------------------------
 
 def _trajectory(cell: dict) -> Tuple[List[int], List[float], List[float]]:
-    """(optimizer steps, val top-1, training seconds) at the end of every epoch, both phases of a pipeline in a row."""
+    """(optimizer steps, val top-1, training seconds) at the end of every evaluated epoch, both phases of a pipeline
+    in a row."""
     n = cell["config"]["data"]["train_subset"]
     steps, top1, seconds, done_steps, done_seconds = [], [], [], 0, 0.0
     for phase in ("phase1", "phase2", "train"):
@@ -112,6 +114,8 @@ def _trajectory(cell: dict) -> Tuple[List[int], List[float], List[float]]:
         for m in cell["phases"].get(phase, []):
             done_steps += n // batch.get("batch_size", 128)
             done_seconds += m["epoch_seconds"]
+            if "val_top1" not in m:  # not evaluated (eval_every)
+                continue
             steps.append(done_steps)
             top1.append(m["val_top1"])
             seconds.append(done_seconds)
@@ -498,7 +502,7 @@ def _warmup_claims(cells: List[dict], noise: Optional[float]) -> List[str]:
     noise_text = f"noise ±{noise:.2f}" if noise is not None else "no noise estimate"
     claims = []
     if {"conv_nowarmup", "random_nowarmup"} <= set(by):
-        a, b = (_curve(by[k], "val_top1")[0] for k in ("conv_nowarmup", "random_nowarmup"))
+        a, b = (_curve(by[k], "val_top1")[1][0] for k in ("conv_nowarmup", "random_nowarmup"))
         claims.append(f"- Conv initialisation starts the attention phase ahead (top-1 after its first epoch, no "
                       f"warm-up): {a:.2f} vs {b:.2f} from random init, {a - b:+.2f} points ({noise_text}) — "
                       f"{_verdict(a - b, noise, +1)}.")
@@ -520,11 +524,12 @@ def _warmup(grid: Path, noise: Optional[float] = None) -> Optional[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     rows = ["| attention phase | val loss after 1 / 3 / last epoch | final top-1 |", "| --- | ---: | ---: |"]
     for i, c in enumerate(sorted(cells, key=lambda c: c["label"])):
-        loss = _curve(c)
-        top1 = _curve(c, "val_top1")
+        epochs, loss = _curve(c)
+        top1 = _curve(c, "val_top1")[1]
         style = "-" if "Convolutional" in c["label"] else "--"
-        ax.plot(range(1, len(loss) + 1), loss, style, marker="o", ms=3, color=f"C{i}", label=c["label"])
-        picks = " / ".join(f"{loss[min(e, len(loss)) - 1]:.3f}" for e in (1, 3, len(loss)))
+        ax.plot(epochs, loss, style, marker="o", ms=3, color=f"C{i}", label=c["label"])
+        at = dict(zip(epochs, loss))
+        picks = " / ".join(f"{at[e]:.3f}" if e in at else "—" for e in (1, min(3, epochs[-1]), epochs[-1]))
         rows.append(f"| {c['label']} | {picks} | {top1[-1]:.2f} |")
     ax.set(xlabel="epoch of the attention phase", ylabel="validation loss",
            title="Attention phase: conv vs random initialisation (cf. paper Fig. 2)")
@@ -646,8 +651,8 @@ def _ablations(grid: Path, noise: Optional[float] = None) -> Optional[str]:
                          "positional_share": end["positional_share"] if end else "",
                          "conv_projection_error": end["conv_projection_error"] if end else ""})
         # epoch 0 = right after conversion, then every phase-2 epoch
-        top1 = [after] + _curve(c, "val_top1")
-        ax_top1.plot(range(len(top1)), top1, "-o", ms=3, color=f"C{i}", label=c["label"])
+        epochs, top1 = _curve(c, "val_top1")
+        ax_top1.plot([0, *epochs], [after, *top1], "-o", ms=3, color=f"C{i}", label=c["label"])
         if rc:
             epochs = [r["epoch"] for r in rc]
             ax_mass.plot(epochs, [r["offset_mass"] for r in rc], "-o", ms=3, color=f"C{i}", label=c["label"])

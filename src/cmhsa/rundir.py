@@ -35,7 +35,7 @@ from .config import RunConfig, config_differences, save_config
 __all__ = ["RunDir", "PhaseDir", "RunDirLocked", "RESUME_FREE_KEYS"]
 
 # Settings that may change between a run and its resume without changing what it computes.
-RESUME_FREE_KEYS = frozenset({"output", "device", "compile", "log_interval", "checkpoint_every"})
+RESUME_FREE_KEYS = frozenset({"output", "device", "compile", "log_interval", "checkpoint_every", "eval_every"})
 
 
 class RunDirLocked(RuntimeError):

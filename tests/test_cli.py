@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +78,18 @@ def test_bad_input_exits_with_a_message(capsys, tmp_path):
     assert code == 2 and "holds 2 4-d tensors" in err
     code, _, err = run(capsys, "verify", "--weights", str(tmp_path / "missing.safetensors"))
     assert code == 2 and "does not exist" in err
+
+
+def test_experiment_typos_name_the_fix(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the repository's root: configs/experiments/
+    code, _, err = run(capsys, "experiment", "tabel1")
+    assert code == 2 and "did you mean 'table1'?" in err and "converged_geometry" in err
+    code, _, err = run(capsys, "experiment", "converged", "--cells", "conv_n200", "--results", str(tmp_path))
+    assert code == 2 and "has no cell 'conv_n200'; did you mean 'conv_n2000'?" in err
+    assert not any(tmp_path.iterdir())  # nothing ran
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "experiment", "table1")
+    assert code == 2 and "run from the repository's root" in err and "--config" in err
 
 
 @pytest.mark.parametrize("command", ["verify", "bounds"])

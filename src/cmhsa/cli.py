@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_form_args(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("experiment", help="run a grid of resumable runs (table1, warmup, efficiency, ablations)",
+    p = sub.add_parser("experiment", help="run a grid of resumable runs (converged, table1, ...: configs/experiments/)",
                        description="Run every unfinished cell of an experiment grid; finished cells are skipped, "
                                    "interrupted ones resume. Results (JSON per cell) go to results/<name>/, "
                                    "checkpoints to runs/experiments/ (not committed).")
@@ -423,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=["quick", "full"], default="full",
                    help="quick: minutes, tiny sizes (smoke test, results/<name>-quick); full: the real grid")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the grid's own seeds")
-    p.add_argument("--cells", nargs="+", default=None, help="run only these cells")
+    p.add_argument("--cells", nargs="+", default=None,
+                   help="run only these cells (a grid with sizes names them <cell>_n<size>, e.g. conv_n2000)")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
     p.set_defaults(func=cmd_experiment)

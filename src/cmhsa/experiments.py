@@ -21,6 +21,7 @@ Every finished cell is also scored once on the dataset's whole test split (``tes
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -46,10 +47,20 @@ __all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished",
 BUDGETS = ("quick", "full")
 
 
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def load_experiment(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"experiment config {path} does not exist; grids are in configs/experiments/")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"experiment config {path} does not exist, nor does {path.parent}/: run from the "
+                                    f"repository's root (the grids are in configs/experiments/), or pass --config")
+        grids = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise FileNotFoundError(f"experiment config {path} does not exist; {_did_you_mean(path.stem, grids)}"
+                                f"grids in {path.parent}/: {', '.join(grids) or 'none'}")
     spec = yaml.safe_load(path.read_text())
     for key in ("name", "base", "cells"):
         if key not in spec:
@@ -122,6 +133,11 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
     ``common`` overrides, the cell's, the budget's (so ``quick`` can shrink any cell) and the seed."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    names = [cell["name"] for cell in spec["cells"]]
+    for name in only or []:
+        if name not in names:
+            raise ValueError(f"experiment {spec['name']!r} has no cell {name!r}; {_did_you_mean(name, names)}"
+                             f"its cells: {', '.join(names)}")
     budget_overrides = spec.get("budgets", {}).get(budget, [])
     out = []
     # seeds outermost: a whole seed of the grid lands before the next one starts
@@ -281,9 +297,9 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
                    only: Optional[List[str]] = None, progress: bool = True) -> Path:
     """Run every unfinished cell of the grid; returns the results directory."""
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
+    entries = cell_configs(spec, budget, seeds, runs_root, only)  # checks the cell names before anything is written
     out = results_dir(spec, budget, results_root)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    entries = cell_configs(spec, budget, seeds, runs_root, only)
     code = git_state()  # the code as it was when the grid started, not when a cell ends
     for i, entry in enumerate(entries, 1):
         path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"

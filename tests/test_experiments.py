@@ -3,17 +3,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cmhsa.cli import main
 from cmhsa.experiments import cell_configs, load_experiment, read_cells, run_experiment
+from cmhsa.pipeline import create_model, model_spec
 from cmhsa.report import _short_title, write_report
 
 GRIDS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 TINY_MODEL = "{patch_size: 2, pixel_dim: 8, depth: 1, mlp_ratio: 1.0}"
 
 
-@pytest.mark.parametrize("grid", ["table1", "warmup", "efficiency", "ablations"])
+SHIPPED_GRIDS = sorted(p.stem for p in GRIDS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("grid", SHIPPED_GRIDS)
 def test_shipped_grids_expand_to_valid_runs(grid):
     spec = load_experiment(GRIDS / f"{grid}.yaml")
     for budget in ("quick", "full"):
@@ -24,6 +29,24 @@ def test_shipped_grids_expand_to_valid_runs(grid):
     if grid == "efficiency":
         sizes = {e["config"].data.train_subset for e in cell_configs(spec, "full", [0])}
         assert len(sizes) >= 4 and min(sizes) <= 1000
+
+
+@pytest.mark.parametrize("grid", SHIPPED_GRIDS)
+def test_every_model_of_the_shipped_grids_builds_and_runs(grid):
+    """Each distinct model of a grid's full budget builds from its spec and maps a batch of the grid's images to
+    one logit per class (a timm CNN gets no img_size: it takes any size)."""
+    models = {}
+    for e in cell_configs(load_experiment(GRIDS / f"{grid}.yaml"), "full", [0]):
+        models.setdefault((e["config"].model.name, repr(e["config"].model.kwargs), e["config"].data.img_size),
+                          e["config"])
+    for config in models.values():
+        spec = model_spec(config)
+        model = create_model(spec, seed=0).eval()
+        assert ("img_size" in spec["kwargs"]) == (not config.model.name.startswith("resnet"))
+        size = config.data.img_size
+        with torch.no_grad():
+            logits = model(torch.randn(2, spec["kwargs"]["in_chans"], size, size))
+        assert logits.shape == (2, spec["kwargs"]["num_classes"]), config.model.name
 
 
 def make_grid(tmp_path: Path) -> Path:

@@ -44,11 +44,29 @@ def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[Da
     return train, val, info
 
 
+def _takes_img_size(name: str, kwargs: Dict[str, Any]) -> bool:
+    """Whether timm's model ``name`` takes ``img_size``: transformers fix their token grid to it, CNNs take images of
+    any size and reject the argument. Probed on the meta device (no memory, no init cost)."""
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if "img_size" in str(e):
+            return False
+        raise
+    except Exception:  # an unknown name or a model that cannot be built on meta: creating it for real will tell
+        return True
+    return True
+
+
 def model_spec(config: RunConfig) -> Dict[str, Any]:
-    """``{'name': timm name, 'kwargs': {...}}`` of the config's model, with sizes taken from the data."""
+    """``{'name': timm name, 'kwargs': {...}}`` of the config's model, with sizes taken from the data (the image
+    size only for models that take one)."""
     info = cmdata.dataset_info(config.data.dataset, config.data.data_dir)
     kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": config.data.img_size,
               **config.model.kwargs}
+    if "img_size" not in config.model.kwargs and not _takes_img_size(config.model.name, kwargs):
+        del kwargs["img_size"]
     return {"name": config.model.name, "kwargs": kwargs}
 
 

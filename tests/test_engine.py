@@ -219,6 +219,14 @@ def test_mixup_odd_batch_is_rejected(digits):
                         progress=False)
 
 
+def test_a_batch_larger_than_the_data_is_an_error_with_the_fix(digits, tmp_path):
+    train, val = digits
+    small = TensorDataset(*(t[:100] for t in train.tensors))
+    loader = DataLoader(small, batch_size=128, shuffle=True, drop_last=True, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"100 training images, batch_size 128 and drop_last .*train.batch_size"):
+        fit(mlp(), loader, DataLoader(val), TrainConfig(epochs=1, precision="fp32"), tmp_path, progress=False)
+
+
 def test_max_steps_per_epoch(digits):
     train_loader, _ = loaders(digits)
     assert steps_per_epoch(train_loader, TrainConfig()) == len(train_loader) == 22

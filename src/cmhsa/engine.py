@@ -236,7 +236,10 @@ def steps_per_epoch(loader: DataLoader, cfg: TrainConfig) -> int:
     """Optimizer steps per epoch: ``len(loader)`` capped by ``cfg.max_steps_per_epoch``."""
     num_batches = len(loader)
     if num_batches == 0:
-        raise ValueError("the train loader yields no batches; check the dataset size, batch_size and drop_last")
+        images = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
+        raise ValueError(f"the train loader yields no batches: {images} training images, batch_size "
+                         f"{loader.batch_size}{' and drop_last (a partial batch is dropped)' * loader.drop_last}; "
+                         f"lower the batch size (--set train.batch_size=...) or train on more images")
     if cfg.max_steps_per_epoch is None:
         return num_batches
     return min(num_batches, cfg.max_steps_per_epoch)

@@ -124,6 +124,22 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def test_yaml_mapping_without_a_space_after_the_colon_is_an_error():
+    # YAML reads {depth:2} as the key "depth:2" with no value, and timm drops None arguments: silently ignored
+    with pytest.raises(ValueError, match=r"model.kwargs has the key 'depth:2' with no value.*\{depth: 2\}"):
+        load_config(None, ["model.kwargs={depth:2}"])
+    assert load_config(None, ["model.kwargs={depth: 2}"]).model.kwargs == {"depth": 2}
+
+
+@pytest.mark.parametrize("name,hint", [("cmhsa3_conv_tiny", "did you mean 'depth'?"), ("deit_tiny_patch16_224", "")])
+def test_a_misspelt_model_argument_is_a_cli_error_naming_it(tmp_path, capsys, name, hint):
+    assert main(["train", "--output", str(tmp_path), "--set", "data.dataset=digits", "data.img_size=8",
+                 f"model.name={name}", "model.kwargs={depht: 2}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model '{name}' rejects an argument of model.kwargs" in err and "'depht'" in err and hint in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------------- records written by older versions
 
 

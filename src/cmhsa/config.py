@@ -306,6 +306,11 @@ def _coerce(value: Any, kind, key: str) -> Any:
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     elif origin in (dict, Dict):
         if isinstance(value, dict):
+            for k, v in value.items():
+                if v is None and ":" in str(k):  # YAML read "{depth:2}" as the key "depth:2" with no value
+                    name, _, given = str(k).partition(":")
+                    raise ValueError(f"{key} has the key {k!r} with no value: YAML needs a space after the colon, "
+                                     f"e.g. {{{name}: {given}}}")
             return copy.deepcopy(value)
         if value is None:
             return {}

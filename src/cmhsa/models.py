@@ -10,6 +10,8 @@ offset and ``padding_mode='circular'`` makes the mixers circular: together the m
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -151,7 +153,10 @@ class CMHSA(nn.Module):
     ):
         super().__init__()
         if kwargs:
-            raise TypeError(f"CMHSA got unexpected arguments {sorted(kwargs)}")
+            known = [n for n in inspect.signature(CMHSA.__init__).parameters if n not in ("self", "kwargs")]
+            hints = {k: difflib.get_close_matches(k, known, n=1) for k in sorted(kwargs)}
+            hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+            raise TypeError(f"CMHSA got unexpected arguments {sorted(kwargs)}" + (f" ({hint})" if hint else ""))
         if mixer not in ("conv", "attn"):
             raise ValueError(f"mixer must be 'conv' (phase 1) or 'attn' (phase 2), got {mixer!r}")
         if form not in FORMS:

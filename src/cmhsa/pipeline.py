@@ -51,9 +51,7 @@ def _takes_img_size(name: str, kwargs: Dict[str, Any]) -> bool:
         with torch.device("meta"):
             timm.create_model(name, **kwargs)
     except TypeError as e:
-        if "img_size" in str(e):
-            return False
-        raise
+        return "img_size" not in str(e)
     except Exception:  # an unknown name or a model that cannot be built on meta: creating it for real will tell
         return True
     return True
@@ -93,6 +91,11 @@ def create_model(spec: Dict[str, Any], seed: Optional[int] = None) -> nn.Module:
         if "Unknown model" in str(e):
             raise ValueError(f"unknown model {spec['name']!r} (model.name); CMHSA models: "
                              f"{timm.list_models('cmhsa*')}, or any timm model name") from e
+        raise
+    except TypeError as e:
+        if "unexpected" in str(e):  # a misspelt or foreign argument in model.kwargs
+            raise ValueError(f"model {spec['name']!r} rejects an argument of model.kwargs: {e}. Check its spelling "
+                             f"against the model's constructor (kwargs given: {sorted(spec['kwargs'])})") from e
         raise
 
 

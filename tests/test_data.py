@@ -339,7 +339,7 @@ def test_resize_and_pad(mnist_dir):
     assert train[0][0].shape == (1, 40, 36) and val[0][0].shape == (1, 40, 36)
     small, _, _ = create_datasets("mnist", 14, 1, data_dir=str(folder), resize="resize", augment="none")
     assert small[0][0].shape == (1, 14, 14)
-    with pytest.raises(ValueError, match="resize='resize'"):
+    with pytest.raises(ValueError, match="--set data.resize=resize"):
         create_datasets("mnist", 16, 1, data_dir=str(folder), resize="pad")
     padded, _, info = create_datasets("mnist", (30, 33), 1, data_dir=str(folder), resize="pad", augment="none")
     x = padded[1][0]

@@ -183,7 +183,7 @@ def _pad_amounts(size: Tuple[int, int], target: Tuple[int, int]) -> Tuple[int, i
     if h > th or w > tw:
         raise ValueError(
             f"{h}x{w} images do not fit in img_size {th}x{tw}: padding cannot shrink them; "
-            f"use resize='resize' or a larger img_size"
+            f"scale them instead (data.resize: resize, e.g. --set data.resize=resize) or pad to a larger data.img_size"
         )
     top, left = (th - h) // 2, (tw - w) // 2
     return top, th - h - top, left, tw - w - left

@@ -227,6 +227,27 @@ def test_cli_convert_net_then_eval(tmp_path, capsys):
     assert code == 0 and result["model"] == "attention_twin" and result["images"] > 0
 
 
+def test_cli_convert_net_gives_a_fixed_grid_model_its_image_size(tmp_path, capsys):
+    """A ViT's patch embedding is a convolution too; --img-size reaches the model, which fixes its grid to it."""
+    out = tmp_path / "vit"
+    kwargs = '{"depth": 1, "in_chans": 1, "num_classes": 10}'
+    assert main(["convert-net", "--model", "vit_tiny_patch16_224", "--model-kwargs", kwargs, "--img-size", "32",
+                 "--out", str(out)]) == 0
+    assert float(capsys.readouterr().out.split("float64 logits error on random input: ")[1].split()[0]) < 1e-8
+    twin, spec, _ = load_model(out)
+    assert spec["kwargs"]["cnn_kwargs"]["img_size"] == 32
+    vit = create_model({"name": "vit_tiny_patch16_224", "kwargs": {**json.loads(kwargs), "img_size": 32}},
+                       seed=0).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert relative_error(twin.eval()(x), vit(x)) < 1e-5
+
+
+def test_unknown_model_name_suggests_timm_names():
+    with pytest.raises(ValueError, match="unknown model 'resnt18'; did you mean 'resnet18'"):
+        create_model({"name": "resnt18", "kwargs": {}})
+
+
 def test_cli_convert_net_strict_fails_with_reason(tmp_path, capsys):
     code = main(["convert-net", "--model", "resnet18", "--layers", "layer1.0.conv1", "--patch-size", "3",
                  "--img-size", "32", "--strict", "--out", str(tmp_path / "x")])

@@ -240,7 +240,7 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_weights
     from .network import convert_network, format_table
-    from .pipeline import create_model
+    from .pipeline import create_model, takes_img_size
 
     try:
         kwargs = json.loads(args.model_kwargs)
@@ -248,13 +248,15 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
         kwargs = None
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
+    img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
+    if "img_size" not in kwargs and takes_img_size(args.model, kwargs, img_size):  # a model with a fixed grid (a ViT stem)
+        kwargs["img_size"] = img_size
     cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
     if args.checkpoint is not None:
         load_weights(args.checkpoint, cnn)
     if args.patch_size != "auto" and not args.patch_size.isdigit():
         raise ValueError(f"--patch-size must be 'auto' or a positive int, got {args.patch_size!r}")
     patch_size = "auto" if args.patch_size == "auto" else int(args.patch_size)
-    img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
     cnn = cnn.double().eval()
     settings = dict(form=args.form, bias_strength=args.bias_strength, qk_std=args.qk_std)
     twin, table = convert_network(cnn, patch_size, args.layers, strict=args.strict, img_size=img_size, **settings)

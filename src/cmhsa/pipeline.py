@@ -6,6 +6,7 @@ A run directory holds ``config.yaml``, one directory per phase (``phase1/``, ``p
 """
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -44,12 +45,12 @@ def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[Da
     return train, val, info
 
 
-def _takes_img_size(name: str, kwargs: Dict[str, Any]) -> bool:
-    """Whether timm's model ``name`` takes ``img_size``: transformers fix their token grid to it, CNNs take images of
-    any size and reject the argument. Probed on the meta device (no memory, no init cost)."""
+def takes_img_size(name: str, kwargs: Dict[str, Any], img_size: Any) -> bool:
+    """Whether timm's model ``name`` (with ``kwargs``) takes ``img_size``: transformers fix their token grid to it,
+    CNNs take images of any size and reject the argument. Probed on the meta device (no memory, no init cost)."""
     try:
         with torch.device("meta"):
-            timm.create_model(name, **kwargs)
+            timm.create_model(name, **{**kwargs, "img_size": img_size})
     except TypeError as e:
         return "img_size" not in str(e)
     except Exception:  # an unknown name or a model that cannot be built on meta: creating it for real will tell
@@ -63,7 +64,7 @@ def model_spec(config: RunConfig) -> Dict[str, Any]:
     info = cmdata.dataset_info(config.data.dataset, config.data.data_dir)
     kwargs = {"num_classes": info.num_classes, "in_chans": info.in_chans, "img_size": config.data.img_size,
               **config.model.kwargs}
-    if "img_size" not in config.model.kwargs and not _takes_img_size(config.model.name, kwargs):
+    if "img_size" not in config.model.kwargs and not takes_img_size(config.model.name, kwargs, config.data.img_size):
         del kwargs["img_size"]
     return {"name": config.model.name, "kwargs": kwargs}
 
@@ -89,8 +90,10 @@ def create_model(spec: Dict[str, Any], seed: Optional[int] = None) -> nn.Module:
         return timm.create_model(spec["name"], **spec["kwargs"])
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise ValueError(f"unknown model {spec['name']!r} (model.name); CMHSA models: "
-                             f"{timm.list_models('cmhsa*')}, or any timm model name") from e
+            close = difflib.get_close_matches(spec["name"], timm.list_models(), n=3)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            raise ValueError(f"unknown model {spec['name']!r}; {hint}CMHSA models: {timm.list_models('cmhsa*')}, "
+                             f"or any timm model name (timm.list_models())") from e
         raise
     except TypeError as e:
         if "unexpected" in str(e):  # a misspelt or foreign argument in model.kwargs

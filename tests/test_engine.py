@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cmhsa.checkpoint import has_checkpoint, load_checkpoint, load_weights, read_checkpoint_info, save_checkpoint
+from cmhsa.config import SCHEDULERS
 from cmhsa.engine import (
     TrainConfig,
     autocast_context,
@@ -629,11 +630,23 @@ def test_single_process_helpers(monkeypatch):
             resolve_device(TrainConfig(device="cuda"))
 
 
+@pytest.mark.parametrize("sched", SCHEDULERS)
+def test_every_accepted_scheduler_name_is_one_timm_builds(sched):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = build_scheduler(optimizer, TrainConfig(sched=sched, epochs=4, warmup_epochs=1), 5)
+    assert (scheduler is None) == (sched == "none")
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="half")
-    with pytest.raises(ValueError, match="plateau"):
+    with pytest.raises(ValueError, match="sched must be one of .*got 'plateau'"):
         TrainConfig(sched="plateau")
+    with pytest.raises(ValueError, match="sched must be one of 'cosine'.*got 'cosin'"):
+        TrainConfig(sched="cosin")
+    with pytest.raises(ValueError, match="opt must be a timm optimizer name.*got 'adamww'"):
+        TrainConfig(opt="adamww")
+    assert TrainConfig(opt="lookahead_adamw").opt == "lookahead_adamw"
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="warmup_epochs must be in"):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
+import timm.optim
 import yaml
 
 from .atomic import atomic_write_text
@@ -44,6 +45,7 @@ def _choice(*options: str) -> Dict[str, Any]:
     return _check(lambda v: v in options, f"one of {', '.join(map(repr, options))}")
 
 
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "rsqrt", "constant", "none")
 _POSITIVE = _check(lambda v: v > 0, "> 0")
 _NON_NEGATIVE = _check(lambda v: v >= 0, ">= 0")
 _AT_LEAST_1 = _check(lambda v: v >= 1, ">= 1")
@@ -91,13 +93,14 @@ class TrainConfig:
     lr: float = field(default=5e-4, metadata=_POSITIVE)
     min_lr: float = field(default=1e-5, metadata=_NON_NEGATIVE)
     weight_decay: float = field(default=0.05, metadata=_NON_NEGATIVE)
-    opt: str = "adamw"
+    opt: str = field(default="adamw", metadata=_check(
+        lambda v: v.lower().removeprefix("lookahead_") in timm.optim.list_optimizers(),
+        "a timm optimizer name, e.g. adamw, sgd, lamb, lion (timm.optim.list_optimizers())"))
     opt_betas: Tuple[float, float] = (0.9, 0.999)  # only passed to optimizers that take betas
     warmup_epochs: int = field(default=0, metadata=_NON_NEGATIVE)  # linear warm-up, counted within epochs
     warmup_lr: float = field(default=1e-6, metadata=_NON_NEGATIVE)
-    sched: str = field(default="cosine", metadata=_check(lambda v: v != "plateau",
-                                                         "a timm scheduler other than 'plateau' (fit schedules "
-                                                         "per update), or 'none'"))
+    # timm's create_scheduler_v2 names, without 'plateau' (fit schedules per update, a plateau needs a metric)
+    sched: str = field(default="cosine", metadata=_choice(*SCHEDULERS))
     clip_grad: Optional[float] = field(default=1.0, metadata=_NON_NEGATIVE)  # max grad norm; None or 0: off
     # {parameter-name pattern (fnmatch): lr multiplier}, first match wins, e.g. {"*.rel_pos_bias": 10}; the
     # schedule scales every group alike (timm's lr_scale). Each pattern must match some parameter.

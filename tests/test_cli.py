@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cmhsa import cli
 from cmhsa.cli import main
 
 
@@ -90,6 +91,16 @@ def test_experiment_typos_name_the_fix(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, "experiment", "table1")
     assert code == 2 and "run from the repository's root" in err and "--config" in err
+
+
+@pytest.mark.parametrize("command,resumable", [("train", True), ("bounds", False)])
+def test_ctrl_c_is_a_message_not_a_traceback(capsys, monkeypatch, command, resumable):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"cmd_{command}", interrupted)
+    code, _, err = run(capsys, command)
+    assert code == 130 and err.startswith("interrupted") and ("resume" in err) == resumable
 
 
 @pytest.mark.parametrize("command", ["verify", "bounds"])

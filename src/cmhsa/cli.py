@@ -457,6 +457,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, FileNotFoundError, RunDirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resumable = args.func in (cmd_pipeline, cmd_train, cmd_experiment)
+        print("interrupted" + ("; run the same command again to resume after the last finished epoch"
+                               if resumable else ""), file=sys.stderr)
+        return 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,10 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "did you mean 'data.dataset'" in err and "Traceback" not in err
     assert not (tmp_path / "config.yaml").exists()
+    # an unquoted value with spaces reaches us split in two: the first half is not valid YAML
+    assert main(["pipeline", "--output", str(tmp_path), "--set", "model.kwargs={depth:", "2}"]) == 2
+    err = capsys.readouterr().err
+    assert "override 'model.kwargs={depth:': the value is not valid YAML" in err and "quote" in err
 
 
 def test_yaml_mapping_without_a_space_after_the_colon_is_an_error():

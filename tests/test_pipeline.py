@@ -59,11 +59,13 @@ def test_training_learns_something(run):
     assert summary["phase1"]["val_top1"] > 30  # 10 classes: chance is 10%
 
 
-def test_rerun_resumes_without_retraining(run):
+def test_rerun_resumes_without_retraining_and_says_so(run, capsys):
     out, config, _ = run
     before = (out / "phase2/metrics.jsonl").read_text()
-    run_pipeline(config, progress=False)
+    capsys.readouterr()
+    run_pipeline(config, progress=True)
     assert (out / "phase2/metrics.jsonl").read_text() == before
+    assert "the run had already finished: nothing trained now" in capsys.readouterr().out
 
 
 def test_eval_and_convert_commands(run, capsys, tmp_path):
@@ -123,8 +125,11 @@ def test_train_command_for_a_timm_baseline(tmp_path, capsys):
             "model.kwargs={patch_size: 2, embed_dim: 32, depth: 1, num_heads: 2}", "phase1.epochs=1",
             "train.precision=fp32", "phase1.max_steps_per_epoch=2"]
     assert main(args) == 0
-    assert "val top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "val top-1" in out and "already finished" not in out
     assert (tmp_path / "train/last/model.safetensors").exists()
+    assert main(args) == 0  # again: resumes a finished run, and says that nothing was trained
+    assert "(already finished: nothing trained now; --no-resume starts over)" in capsys.readouterr().out
 
 
 def test_config_overrides_and_errors(tmp_path):

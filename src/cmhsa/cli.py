@@ -168,8 +168,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = create_model(spec, config.phase_config(args.phase).seed)
         with open_run(config, resume=not args.no_resume) as run:
             final = train_phase(model, spec, config, args.phase, run.phase("train"), resume=not args.no_resume)
+    done = " (already finished: nothing trained now; --no-resume starts over)" if final["epochs_run"] == 0 else ""
     print(f"{spec_label(spec)}: val top-1 {final['val_top1']:.2f}, top-5 {final['val_top5']:.2f}, "
-          f"loss {final['val_loss']:.4f}; checkpoints in {run.phase('train').root}")
+          f"loss {final['val_loss']:.4f}; checkpoints in {run.phase('train').root}{done}")
     return 0
 
 

@@ -376,12 +376,17 @@ def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> Ru
 
 def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
     """``["phase1.epochs=3", ...]`` -> ``{"phase1.epochs": 3, ...}`` (each value parsed as YAML)."""
+    quote = "quote an override whose value holds spaces, e.g. --set 'model.kwargs={depth: 2, num_heads: 4}'"
     parsed = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. phase1.epochs=3)")
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. phase1.epochs=3); {quote}")
         dotted, raw = item.split("=", 1)
-        parsed[dotted.strip()] = yaml.safe_load(raw)
+        try:
+            parsed[dotted.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({problem}); {quote}") from None
     return parsed
 
 

@@ -224,7 +224,9 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
             run.write_text(run.summary_md, _summary_markdown(summary))
             if progress:
                 print(_summary_markdown(summary))
-                print(f"report: {run.summary_md}")
+                done = phase1["epochs_run"] == phase2["epochs_run"] == 0
+                print(f"report: {run.summary_md}" + (" (the run had already finished: nothing trained now; "
+                                                     "--no-resume starts over)" if done else ""))
     return summary
 
 

@@ -12,6 +12,7 @@ from cmhsa.forms import convert_form
 from cmhsa.pipeline import build_loaders, load_model, run_pipeline
 from cmhsa.plots import read_metrics
 from cmhsa.provenance import git_state
+from cmhsa.rundir import RunDir
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -190,6 +191,20 @@ def test_resume_refuses_a_changed_config_and_changes_nothing(run, capsys):
     assert "convert.bias_strength: 60.0 -> 10.0" in err and "data.train_subset: None -> 300" in err
     assert "--no-resume" in err and "--output" in err
     assert {f: (out / f).read_bytes() for f in files} == before
+
+
+def test_a_run_that_failed_before_its_first_epoch_does_not_block_the_corrected_one(tmp_path, capsys):
+    """A typo caught at data setup leaves config.yaml behind; the corrected command takes the directory over."""
+    args = ["train", "--output", str(tmp_path), "--set", *TINY[:4], "model.name=cmhsa3_conv_tiny",
+            "model.kwargs={patch_size: 2, pixel_dim: 2, depth: 1}", "train.batch_size=16", "phase1.epochs=1",
+            "phase1.max_steps_per_epoch=2"]
+    assert main([*args, "data.train_subset=5"]) == 2
+    assert "data.train_subset (train_subset=) of digits: subset size 5 is out of range" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").exists() and not RunDir(tmp_path).trained_anything()
+    assert main([*args, "data.train_subset=50"]) == 0
+    assert RunDir(tmp_path).saved_config().data.train_subset == 50
+    assert main([*args, "data.train_subset=60"]) == 2  # now it holds a trained run: refused, as before
+    assert "cannot resume" in capsys.readouterr().err
 
 
 def test_data_hflip_reaches_the_training_transform():

@@ -645,6 +645,14 @@ def stratified_subset(labels: Union[Sequence[int], np.ndarray, torch.Tensor], si
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
+def _subset(labels: np.ndarray, size: Union[int, float, None], seed: int, key: str, name: str) -> np.ndarray | None:
+    """:func:`stratified_subset`, or None for the whole split; an error names the setting."""
+    try:
+        return None if size is None else stratified_subset(labels, size, seed)
+    except ValueError as e:
+        raise ValueError(f"data.{key} ({key}=) of {name}: {e}") from None
+
+
 def _make_dataset(source: Source, labels: np.ndarray, indices: np.ndarray | None, classes: Tuple[str, ...],
                   in_chans: int, transform: Callable) -> Dataset:
     if indices is not None:
@@ -710,8 +718,8 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
     if resize == "pad":
         _pad_amounts(info.native_size, size)  # fail now, not at the first batch
 
-    train_indices = None if train_subset is None else stratified_subset(raw.train_labels, train_subset, seed)
-    val_indices = None if val_subset is None else stratified_subset(raw.val_labels, val_subset, seed=0)
+    train_indices = _subset(raw.train_labels, train_subset, seed, "train_subset", name)
+    val_indices = _subset(raw.val_labels, val_subset, 0, "val_subset", name)
     if hflip is not None and not isinstance(hflip, bool):
         raise ValueError(f"hflip must be True, False or None (the dataset's default), got {hflip!r}")
     flip = info.hflip if hflip is None else hflip

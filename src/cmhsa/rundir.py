@@ -146,19 +146,22 @@ class RunDir:
         return [c for c in changed if c.split(":")[0].split(".")[-1] not in RESUME_FREE_KEYS]
 
     def start(self, config: RunConfig, resume: bool = True) -> None:
-        """Take the lock and write config.yaml; resuming refuses a directory that holds a different run, and
-        starting over (``resume=False``) clears what the previous run wrote."""
+        """Take the lock and write config.yaml; resuming refuses a directory that holds a different run that trained
+        at least an epoch, and starting over (``resume=False``) clears what the previous run wrote."""
         self.lock()
-        if resume:
-            changed = self.differences(config)
-            if changed:
-                self.unlock()
-                raise ValueError(
-                    f"cannot resume {self.root}: it holds a run with a different config ({'; '.join(changed)}). "
-                    f"Start it over with --no-resume (resume=False), or write to another directory with --output")
-        else:
+        changed = self.differences(config) if resume else []
+        if changed and self.trained_anything():
+            self.unlock()
+            raise ValueError(
+                f"cannot resume {self.root}: it holds a run with a different config ({'; '.join(changed)}). "
+                f"Start it over with --no-resume (resume=False), or write to another directory with --output")
+        if not resume or changed:  # a run that failed before its first epoch leaves nothing worth keeping
             self.clear()
         save_config(config, self.config_path)
+
+    def trained_anything(self) -> bool:
+        """Whether a phase of the run here finished an epoch (it wrote a metrics line or a checkpoint)."""
+        return any(self.phase(p).read_metrics() or self.phase(p).last.exists() for p in self.PHASES)
 
     def clear(self) -> None:
         """Remove the files of a previous run (phases, conversion, summary); other files are left alone."""

@@ -2,8 +2,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from cifar_fixture import make_cifar100
 from cmhsa.cli import main
@@ -205,6 +207,35 @@ def test_a_run_that_failed_before_its_first_epoch_does_not_block_the_corrected_o
     assert RunDir(tmp_path).saved_config().data.train_subset == 50
     assert main([*args, "data.train_subset=60"]) == 2  # now it holds a trained run: refused, as before
     assert "cannot resume" in capsys.readouterr().err
+
+
+def _image_folder(root, classes, size=28):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            for j in range(2):
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / split / cls / f"{j}.png")
+    return root
+
+
+@pytest.mark.parametrize("classes,ok", [(10, True), (3, False)])
+def test_eval_on_another_dataset(tmp_path, capsys, classes, ok):
+    """`cmhsa eval --dataset` drops the run's data_dir (it holds the run's data) and refuses data whose classes
+    the model does not predict."""
+    folder = _image_folder(tmp_path / "folder", [f"c{i}" for i in range(classes)])
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--set", "data.dataset=imagefolder", f"data.data_dir={folder}",
+                 "data.train_subset=null", "data.val_subset=null", "model.name=cmhsa3_conv_tiny",
+                 "model.kwargs={depth: 1, pixel_dim: 1}", "train.batch_size=4", "phase1.epochs=1",
+                 "phase1.max_steps_per_epoch=1", "train.precision=fp32"]) == 0
+    capsys.readouterr()
+    code = main(["eval", str(out), "--dataset", "fashion_mnist", "--set", "data.val_subset=64"])
+    captured = capsys.readouterr()
+    if ok:
+        assert code == 0 and json.loads(captured.out)["dataset"] == "fashion_mnist"
+    else:
+        assert code == 2 and "the model predicts 3 classes, fashion_mnist has 10" in captured.err
 
 
 def test_data_hflip_reaches_the_training_transform():

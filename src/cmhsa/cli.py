@@ -183,13 +183,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     config = load_config(run_config_path(ckpt), args.set or [])
-    flags = {"data.dataset": args.dataset, "data.data_dir": args.data_dir}
-    config = config.set({key: value for key, value in flags.items() if value is not None})
+    changes = {"data.dataset": args.dataset} if args.dataset is not None else {}
+    if args.data_dir is not None:
+        changes["data.data_dir"] = args.data_dir
+    elif args.dataset not in (None, config.data.dataset):
+        changes["data.data_dir"] = None  # the run's data_dir holds the run's dataset, not this one
+    if changes:
+        config = config.set(changes)
     if args.full_val:
         config = config.set({"data.val_subset": None})
     cfg = TrainConfig(device=args.device or "auto", precision=args.precision or "auto",
                       num_classes=spec["kwargs"]["num_classes"])
-    _, val_loader, _ = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
+    _, val_loader, info = build_loaders(config, args.batch_size, spec["kwargs"]["in_chans"])
+    if info.num_classes != cfg.num_classes:
+        raise ValueError(f"the model predicts {cfg.num_classes} classes, {config.data.dataset} has "
+                         f"{info.num_classes}: evaluate it on data with the classes it was trained on")
     device = resolve_device(cfg)
     metrics = evaluate(model.to(device), val_loader, device, resolve_precision(device, cfg.precision, model),
                        cfg.num_classes)

@@ -258,7 +258,7 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
     if not isinstance(kwargs, dict):
         raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
     img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
-    if "img_size" not in kwargs and takes_img_size(args.model, kwargs, img_size):  # a model with a fixed grid (a ViT stem)
+    if "img_size" not in kwargs and takes_img_size(args.model, kwargs, img_size):  # a fixed grid, e.g. a ViT's
         kwargs["img_size"] = img_size
     cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
     if args.checkpoint is not None:

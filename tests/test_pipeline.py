@@ -213,9 +213,10 @@ def _image_folder(root, classes, size=28):
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for cls in classes:
+            (root / split / cls).mkdir(parents=True)
             for j in range(2):
-                (root / split / cls).mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(root / split / cls / f"{j}.png")
+                pixels = rng.integers(0, 256, (size, size), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{j}.png")
     return root
 
 

@@ -128,6 +128,18 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     assert "override 'model.kwargs={depth:': the value is not valid YAML" in err and "quote" in err
 
 
+def test_a_yaml_syntax_error_names_the_file_and_the_line(tmp_path):
+    from cmhsa.experiments import load_experiment
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phase1:\n  epochs: 2\n  lr: [1e-3\n")
+    for load in (load_config, load_experiment):
+        with pytest.raises(ValueError, match=r"bad.yaml is not valid YAML at line 4, column 1: expected ','"):
+            load(bad)
+    bad.write_text("")
+    with pytest.raises(ValueError, match="must hold a YAML mapping"):
+        load_experiment(bad)
+
+
 def test_yaml_mapping_without_a_space_after_the_colon_is_an_error():
     # YAML reads {depth:2} as the key "depth:2" with no value, and timm drops None arguments: silently ignored
     with pytest.raises(ValueError, match=r"model.kwargs has the key 'depth:2' with no value.*\{depth: 2\}"):

@@ -354,6 +354,16 @@ def _coerce(value: Any, kind, key: str) -> Any:
 # ------------------------------------------------------------------------------------------------ files
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; a syntax error is a ValueError that names the file and the place."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+
+
 def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> RunConfig:
     """Defaults <- the YAML file (if any) <- ``section.key=value`` overrides (values parsed as YAML)."""
     values: Dict[str, Any] = {}
@@ -362,7 +372,7 @@ def load_config(path: Optional[str | Path], overrides: Iterable[str] = ()) -> Ru
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist; presets are in configs/ (e.g. "
                                     f"configs/fmnist_tiny.yaml)")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a YAML mapping at the top level")
         try:

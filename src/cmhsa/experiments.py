@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
-import yaml
 
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides
+from .config import ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides, read_yaml
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
 from .provenance import git_state
@@ -61,7 +60,9 @@ def load_experiment(path: str | Path) -> Dict[str, Any]:
         grids = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise FileNotFoundError(f"experiment config {path} does not exist; {_did_you_mean(path.stem, grids)}"
                                 f"grids in {path.parent}/: {', '.join(grids) or 'none'}")
-    spec = yaml.safe_load(path.read_text())
+    spec = read_yaml(path)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} must hold a YAML mapping (name, base, cells; see configs/experiments)")
     for key in ("name", "base", "cells"):
         if key not in spec:
             raise ValueError(f"{path}: missing '{key}' (an experiment needs name, base, cells; see configs/experiments)")

@@ -27,10 +27,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import yaml
 
 from .atomic import append_line, atomic_write_json, atomic_write_text
-from .config import RunConfig, config_differences, save_config
+from .config import RunConfig, config_differences, read_yaml, save_config
 
 __all__ = ["RunDir", "PhaseDir", "RunDirLocked", "RESUME_FREE_KEYS"]
 
@@ -132,7 +131,7 @@ class RunDir:
         if not self.config_path.is_file():
             return None
         try:
-            return RunConfig.from_dict(yaml.safe_load(self.config_path.read_text()) or {})
+            return RunConfig.from_dict(read_yaml(self.config_path) or {})
         except ValueError as e:
             raise ValueError(f"{self.config_path}: {e}; start over with --no-resume, or use another --output") \
                 from None

@@ -81,6 +81,14 @@ def test_bad_input_exits_with_a_message(capsys, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
+def test_version(capsys):
+    import cmhsa
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith(f"cmhsa {cmhsa.__version__} (torch {torch.__version__}")
+
+
 def test_experiment_typos_name_the_fix(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the repository's root: configs/experiments/
     code, _, err = run(capsys, "experiment", "tabel1")

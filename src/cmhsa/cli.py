@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import timm
 import torch
 import torch.nn as nn
+
+from . import __version__
 
 __all__ = ["main", "build_parser"]
 
@@ -359,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cmhsa",
         description="Exact convolution -> multi-head self-attention, and Vision Transformers that start as CNNs.",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"cmhsa {__version__} (torch {torch.__version__}, timm {timm.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("verify", help="convert a convolution to MHSA and measure the error against F.conv2d",

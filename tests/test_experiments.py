@@ -405,6 +405,10 @@ def test_report_judges_the_per_parameter_lr_recipe_against_conv_and_ours(tmp_pat
         "+3.00 (2 SE ±0.82) — target met." in report
     assert "Two-phase, our recipe + per-parameter lr − Two-phase, our recipe, test top-1 by training-set size: " \
         "2000: +1.00 (2 SE ±0.82) — target met." in report
+    for seed, long in enumerate((85.0, 85.5, 84.5)):  # the longer phase 2, equal to our recipe: not an improvement
+        _converged_cell(results, "Two-phase, our recipe, longer phase 2", 2000, seed, long, flat)
+    assert "Two-phase, our recipe, longer phase 2 − Two-phase, our recipe, test top-1 by training-set size: " \
+        "2000: +0.00 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
 
 
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():

@@ -149,6 +149,8 @@ CONVERGED_CLAIMS = [
      "target", 2.0),
     ("Two-phase, our recipe + per-parameter lr", "Two-phase, our recipe", None,
      "Per-parameter learning rates in phase 2 improve our recipe", "target", 0.0),
+    ("Two-phase, our recipe, longer phase 2", "Two-phase, our recipe", None,
+     "A longer phase 2 (1000 + 3000 steps instead of 2000 + 2000) improves our recipe", "target", 0.0),
     ("Two-phase, our recipe", "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
     ("Two-phase, our recipe", "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),

@@ -84,7 +84,6 @@ _LOGGER = logging.getLogger(__name__)
 
 _PRECISIONS = PRECISIONS
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Config fields that may change between a run and its resume without changing the results.
 
 
 # --------------------------------------------------------------------------------------------- devices

@@ -196,11 +196,14 @@ def _computed(config: RunConfig) -> RunConfig:
     """``config`` with the settings that do not change what a run computes (where it runs, how often it logs,
     evaluates or keeps weights: RESUME_FREE_KEYS) at their defaults."""
     defaults = RunConfig()
-    return dataclasses.replace(config, name=defaults.name, output=defaults.output, **{
-        section: dataclasses.replace(getattr(config, section),
-                                     **{k: getattr(getattr(defaults, section), k) for k in RESUME_FREE_KEYS
-                                        if hasattr(getattr(defaults, section), k)})
-        for section in ("train", "phase1", "phase2")})
+
+    def settled(section: str):
+        default = getattr(defaults, section)
+        return dataclasses.replace(getattr(config, section),
+                                   **{k: getattr(default, k) for k in RESUME_FREE_KEYS if hasattr(default, k)})
+
+    return dataclasses.replace(config, name=defaults.name, output=defaults.output, train=settled("train"),
+                               phase1=settled("phase1"), phase2=settled("phase2"))
 
 
 def _phase1_identity(config: RunConfig) -> tuple:

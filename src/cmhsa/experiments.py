@@ -58,8 +58,9 @@ def load_experiment(path: str | Path) -> Dict[str, Any]:
             raise FileNotFoundError(f"experiment config {path} does not exist, nor does {path.parent}/: run from the "
                                     f"repository's root (the grids are in configs/experiments/), or pass --config")
         grids = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        listing = ", ".join(grids) or "none (the shipped grids are in configs/experiments/)"
         raise FileNotFoundError(f"experiment config {path} does not exist; {_did_you_mean(path.stem, grids)}"
-                                f"grids in {path.parent}/: {', '.join(grids) or 'none'}")
+                                f"grids in {path.parent}/: {listing}")
     spec = read_yaml(path)
     if not isinstance(spec, dict):
         raise ValueError(f"{path} must hold a YAML mapping (name, base, cells; see configs/experiments)")

@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_form_args(p)
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("experiment", help="run a grid of resumable runs (converged, table1, ...: configs/experiments/)",
+    p = sub.add_parser("experiment", help="run a grid of resumable runs (configs/experiments/: converged, ...)",
                        description="Run every unfinished cell of an experiment grid; finished cells are skipped, "
                                    "interrupted ones resume. Results (JSON per cell) go to results/<name>/, "
                                    "checkpoints to runs/experiments/ (not committed).")

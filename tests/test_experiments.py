@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from cmhsa.cli import main
-from cmhsa.experiments import cell_configs, load_experiment, read_cells, run_experiment
+from cmhsa.experiments import cell_configs, grid_status, load_experiment, read_cells, run_experiment
 from cmhsa.pipeline import create_model, model_spec
 from cmhsa.report import _short_title, write_report
 
@@ -159,6 +159,35 @@ def test_pipeline_cell_takes_a_finished_identical_phase1(tmp_path):
     assert cells["soft"]["transfer"]["float64"]["logits_error"] > cells["two_phase"]["transfer"]["float64"]["logits_error"]
     assert "phase1_from" not in cells["other_lr"]
     assert cells["other_lr"]["phases"]["phase1"][0]["lr"] != cells["two_phase"]["phases"]["phase1"][0]["lr"]
+
+
+def test_status_lists_what_a_run_would_do_and_runs_nothing(tmp_path, capsys):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    grid = make_grid(tmp_path)
+    spec = load_experiment(grid)
+    spec["seeds"] = [0]
+    status = lambda s: {(r["cell"], r["seed"]): (r["status"], r["detail"])
+                        for r in grid_status(s, results_root=results, runs_root=runs)}
+    assert status(spec) == {("conv", 0): ("to run", ""), ("two_phase", 0): ("to run", "")}
+    assert not results.exists() and not runs.exists()
+
+    run_experiment(spec, results_root=results, runs_root=runs, progress=False)
+    record = json.loads((results / "mini/cells/conv__seed0.json").read_text())
+    (results / "mini/cells/two_phase__seed0.json").unlink()  # its checkpointed run is left, as after a kill
+    assert status(spec) == {("conv", 0): ("finished", f"test top-1 {record['test']['top1']:.2f}"),
+                            ("two_phase", 0): ("resume", f"phase2 epoch 1/1 in {runs}/mini/full/two_phase/seed0")}
+    other = dict(spec, name="other", cells=[dict(spec["cells"][0], name="same_as_conv")])
+    assert status(other) == {("same_as_conv", 0): ("reuse", "mini/cells/conv__seed0.json")}
+    changed = dict(spec, cells=[dict(spec["cells"][0], overrides=[*spec["cells"][0]["overrides"], "phase1.lr=1e-4"])])
+    assert status(changed) == {("conv", 0): ("to run", "")}  # a changed config is not the finished cell
+
+    capsys.readouterr()
+    assert main(["experiment", "mini", "--config", str(grid), "--status", "--seeds", "0", "1",
+                 "--results", str(results), "--runs", str(runs)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "mini (full budget): 4 cells, 1 finished, 1 resume, 2 to run"
+    assert sum("to run" in line for line in printed[1:]) == 2
+    assert not (results / "mini/cells/two_phase__seed0.json").exists()  # nothing ran
 
 
 def test_report_tables_and_claims(tmp_path):

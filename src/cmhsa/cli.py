@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import sys
 from pathlib import Path
@@ -321,12 +322,22 @@ def _add_convert_net_parser(sub) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import load_experiment, run_experiment
+    from .experiments import grid_status, load_experiment, run_experiment
 
     config = args.config or Path("configs/experiments") / f"{args.name}.yaml"
     spec = load_experiment(config)
     if spec["name"] != args.name:
         raise ValueError(f"{config} defines experiment {spec['name']!r}, not {args.name!r}")
+    if args.status:
+        rows = grid_status(spec, budget=args.budget, seeds=args.seeds, results_root=args.results,
+                           runs_root=args.runs, only=args.cells)
+        counts = collections.Counter(row["status"] for row in rows)
+        print(f"{spec['name']} ({args.budget} budget): {len(rows)} cells, "
+              + ", ".join(f"{counts[s]} {s}" for s in ("finished", "reuse", "resume", "to run") if counts[s]))
+        width = max(len(row["cell"]) for row in rows)
+        for row in rows:
+            print(f"  {row['cell']:<{width}}  seed {row['seed']:<3} {row['status']:<8}  {row['detail']}".rstrip())
+        return 0
     out = run_experiment(spec, budget=args.budget, seeds=args.seeds, results_root=args.results,
                          runs_root=args.runs, only=args.cells)
     print(f"results in {out}; `cmhsa report {args.results}` writes the report")
@@ -443,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only these cells (a grid with sizes names them <cell>_n<size>, e.g. conv_n2000)")
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
+    p.add_argument("--status", action="store_true",
+                   help="run nothing: list every cell and seed as finished, reused, to resume or to run")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="write results/REPORT.md from the experiment and analysis results",

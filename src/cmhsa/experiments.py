@@ -41,7 +41,7 @@ from .pipeline import build_loaders, create_model, load_model, model_spec, open_
 from .provenance import git_state
 from .rundir import RESUME_FREE_KEYS, RunDir
 
-__all__ = ["load_experiment", "cell_configs", "run_experiment", "find_finished", "read_cells", "hardware"]
+__all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware"]
 
 BUDGETS = ("quick", "full")
 
@@ -297,6 +297,53 @@ def find_finished(entry: Dict[str, Any], results_root: str | Path) -> Optional[P
     return None
 
 
+def _cell_record(entry: Dict[str, Any], out: Path) -> Path:
+    return out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
+
+
+def _is_finished(entry: Dict[str, Any], path: Path) -> bool:
+    """Whether ``path`` is the record of the run ``entry`` describes (a changed cell config runs again)."""
+    return path.exists() and _record_identity(str(path), path.stat().st_mtime_ns) == \
+        _run_identity(entry["kind"], entry["config"])
+
+
+def _progress(entry: Dict[str, Any]) -> Optional[str]:
+    """How far the interrupted run of ``entry`` got, e.g. ``phase2 epoch 12/97``; None if it has none to resume."""
+    run = RunDir(entry["config"].run_dir())
+    if not _can_resume(run, entry["config"]) or not run.trained_anything():
+        return None
+    phases = ("phase1", "phase2") if entry["kind"] == "pipeline" else ("train",)
+    done = [(p, run.phase(p).read_metrics()) for p in phases if run.phase(p).read_metrics()]
+    if not done:
+        return "started"
+    phase, lines = done[-1]
+    total = entry["config"].phase_config("phase1" if phase == "train" else phase).epochs  # a train cell: phase 1
+    return f"{phase} epoch {lines[-1]['epoch'] + 1}/{total}"
+
+
+def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iterable[int]] = None,
+                results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
+                only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """What :func:`run_experiment` would do, cell by cell, without running anything: one ``{cell, seed, status,
+    detail}`` per cell x seed, status ``finished`` (detail: test top-1), ``reuse`` (a finished identical run of
+    another grid), ``resume`` (detail: how far its checkpointed run got) or ``to run``."""
+    seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
+    out = results_dir(spec, budget, results_root)
+    rows = []
+    for entry in cell_configs(spec, budget, seeds, runs_root, only):
+        path, same, progress = _cell_record(entry, out), None, None
+        if _is_finished(entry, path):
+            status, detail = "finished", f"test top-1 {json.loads(path.read_text())['test']['top1']:.2f}"
+        elif (same := find_finished(entry, results_root)) is not None:
+            status, detail = "reuse", same.relative_to(results_root).as_posix()
+        elif (progress := _progress(entry)) is not None:
+            status, detail = "resume", f"{progress} in {entry['config'].run_dir()}"
+        else:
+            status, detail = "to run", ""
+        rows.append({"cell": entry["cell"], "seed": entry["seed"], "status": status, "detail": detail})
+    return rows
+
+
 def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iterable[int]] = None,
                    results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
                    only: Optional[List[str]] = None, progress: bool = True) -> Path:
@@ -307,9 +354,8 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
     (out / "cells").mkdir(parents=True, exist_ok=True)
     code = git_state()  # the code as it was when the grid started, not when a cell ends
     for i, entry in enumerate(entries, 1):
-        path = out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
-        if path.exists() and _record_identity(str(path), path.stat().st_mtime_ns) == \
-                _run_identity(entry["kind"], entry["config"]):
+        path = _cell_record(entry, out)
+        if _is_finished(entry, path):
             continue
         header = f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})"
         record = {**{k: entry[k] for k in ("cell", "label", "kind", "seed")}, "config": entry["config"].to_dict()}

@@ -440,6 +440,21 @@ def test_report_judges_the_per_parameter_lr_recipe_against_conv_and_ours(tmp_pat
         "2000: +0.00 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
 
 
+def test_report_splits_phase_2s_gap_into_the_restart_and_the_conversion(tmp_path):
+    """The control that keeps the conv through phase 2 splits ours - conv into (control - conv) + (ours - control)."""
+    results, flat = tmp_path / "results", [80.0] * 20
+    for seed, (control, ours, conv) in enumerate([(83.0, 84.0, 85.0), (83.5, 84.5, 85.5), (82.5, 83.5, 84.5)]):
+        _converged_cell(results, "Two-phase control, phase 2 keeps the conv", 2000, seed, control, flat)
+        _converged_cell(results, "Two-phase, our recipe", 2000, seed, ours, flat)
+        _converged_cell(results, "Conv phase only", 2000, seed, conv, flat)
+    _converged_cell(results, "Two-phase control, phase 2 keeps the conv", 1000, 0, 80.0, flat)  # no arms at 1k
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "- Our recipe − conv phase only, split by the control that keeps the conv: 2000 images: restarting the " \
+        "schedule -2.00 (2 SE ±0.82), converting to attention +1.00 (2 SE ±0.82)." in report
+    assert "Two-phase, our recipe − Two-phase control, phase 2 keeps the conv, test top-1 by training-set size: " \
+        "2000: +1.00 (2 SE ±0.82) — target met." in report
+
+
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():
     assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"
     assert _short_title("Figure 2: warm-up (short budget)") == "Figure 2"

@@ -84,6 +84,22 @@ def test_eval_and_convert_commands(run, capsys, tmp_path):
     assert spec["class"] == "CMHSA" and spec["kwargs"] == model.config and model.config["mixer"] == "attn"
 
 
+def test_keep_conv_control_trains_the_conv_model_on_through_phase_2(tmp_path):
+    """convert.keep_conv: phase 2 restarts the schedule on a copy of the conv model, so nothing is converted."""
+    config = load_config(None, TINY + [f"output={tmp_path}", "name=kept", "phase1.epochs=1", "convert.keep_conv=true"])
+    summary = run_pipeline(config, progress=False)
+    t = json.loads((tmp_path / "convert.json").read_text())
+    assert t["keep_conv"] and t["float64"]["logits_error"] == 0 == t["float32"]["logits_error"]
+    assert t["val_after_conversion"]["top1"] == t["val_before_conversion"]["val_top1"]
+    assert summary["phase2"]["params"] == summary["phase1"]["params"]
+    phase1, _, _ = load_model(tmp_path / "phase1")
+    phase2, spec, _ = load_model(tmp_path / "phase2")
+    assert spec["kwargs"]["mixer"] == "conv"
+    assert any(not torch.equal(a, b) for a, b in zip(phase1.state_dict().values(), phase2.state_dict().values()))
+    text = (tmp_path / "summary.md").read_text()
+    assert "No conversion (convert.keep_conv" in text and "| 2: convolution, kept |" in text
+
+
 @pytest.fixture(scope="module")
 def factorized_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("frun")

@@ -82,6 +82,9 @@ class ConvertConfig:
     form: str = field(default="paper", metadata=_choice(*CONVERT_FORMS))
     qk_dim: Optional[int] = field(default=None, metadata=_AT_LEAST_1)  # Q/K head size of the non-paper forms
     kwargs: Dict[str, Any] = field(default_factory=dict)  # training-only settings of the attention model
+    # a control: phase 2 trains the phase-1 convolution model on (the same restarted schedule, no conversion), which
+    # separates what restarting the schedule costs from what the attention adds
+    keep_conv: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ A run directory holds ``config.yaml``, one directory per phase (``phase1/``, ``p
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -169,17 +170,20 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase
 
 
 def _convert(conv_model: CMHSA, config: RunConfig, sample: torch.Tensor) -> Tuple[CMHSA, Dict[str, Any]]:
-    """Convert phase 1 -> phase 2 and measure the transfer error in float64 (exactness) and float32."""
+    """Convert phase 1 -> phase 2 and measure the transfer error in float64 (exactness) and float32. With
+    ``convert.keep_conv`` phase 2's model is a copy of the convolution model (the restart-only control)."""
+    c = config.convert
     kw = convert_settings(config)
+    convert = copy.deepcopy if c.keep_conv else lambda model: convert_model(model, **kw)
     conv_model = conv_model.cpu().float().eval()
-    attn_model = convert_model(conv_model, **kw)
+    attn_model = convert(conv_model)
     conv64 = CMHSA(**conv_model.config).double()
     conv64.load_state_dict(conv_model.state_dict())
-    c = config.convert
     report = {
-        "float64": transfer_error(conv64, convert_model(conv64, **kw), sample.double()),
+        "float64": transfer_error(conv64, convert(conv64), sample.double()),
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c.bias_strength, "null_key": c.null_key, "qk_std": c.qk_std, "form": c.form,
+        "keep_conv": c.keep_conv,
     }
     return attn_model, report
 
@@ -255,7 +259,8 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
         "| phase | params | epochs | val top-1 | val top-5 | val loss | train time (s) | img/s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, label in (("phase1", "1: convolution"), ("phase2", "2: self-attention")):
+    phase2 = "2: convolution, kept" if t.get("keep_conv") else "2: self-attention"
+    for name, label in (("phase1", "1: convolution"), ("phase2", phase2)):
         r = s[name]
         rows.append(f"| {label} | {r['params'] / 1e6:.2f}M | {r['epochs']} | {r['val_top1']:.2f} | "
                     f"{r['val_top5']:.2f} | {r['val_loss']:.4f} | {r['train_seconds']:.0f} | "
@@ -263,8 +268,10 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
     subset = f", {s['train_subset']} training images" if s.get("train_subset") else ""
     return "\n".join([
         f"# {s['name']}", "", f"Dataset: {s['dataset']}{subset}.", "", *rows, "",
-        f"Conversion ({t.get('form', 'paper')} form, bias strength {t['bias_strength']:g}, null key "
-        f"{'on' if t['null_key'] else 'off'}): max "
+        ("No conversion (convert.keep_conv, a control): phase 2 trained the convolution model on; max "
+         if t.get("keep_conv") else
+         f"Conversion ({t.get('form', 'paper')} form, bias strength {t['bias_strength']:g}, null key "
+         f"{'on' if t['null_key'] else 'off'}): max ") +
         f"|logits error| {t['float64']['logits_error']:.2e} in float64, {t['float32']['logits_error']:.2e} in "
         f"float32; val top-1 {t['val_before_conversion']['val_top1']:.2f} before, "
         f"{t['val_after_conversion']['top1']:.2f} right after.", "", "![curves](curves.png)", "",

@@ -69,10 +69,12 @@ def _by_label(cells: List[dict]) -> Dict[str, List[dict]]:
 
 def attention_form(cell: dict) -> str:
     """The attention layer a cell trained: the conversion's form for a two-phase cell (records from before
-    convert.form ran the paper's layer), the form of a CMHSA attention model's timm name, or '—' for other models."""
+    convert.form ran the paper's layer), the form of a CMHSA attention model's timm name, or '—' for other models
+    (and for a two-phase control that keeps the convolution)."""
     config = cell.get("config", {})
     if cell.get("kind") == "pipeline":
-        return config.get("convert", {}).get("form", "paper")
+        convert = config.get("convert", {})
+        return "— (conv kept)" if convert.get("keep_conv") else convert.get("form", "paper")
     tag = str(config.get("model", {}).get("name", "")).split("_")[1:2]
     return {"attn": "paper", "fattn": "factorized", "lattn": "local"}.get(tag[0] if tag else "", "—")
 
@@ -137,6 +139,8 @@ def _se_text(values: List[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f} ({len(values)})"
 
 
+RESTART_CONTROL = "Two-phase control, phase 2 keeps the conv"  # convert.keep_conv: the restart without the attention
+
 # (arm a, arm b, sizes where it is claimed, the claim, whether it is the paper's claim or a target of ours,
 #  the least gap a - b the claim asks for)
 CONVERGED_CLAIMS = [
@@ -151,6 +155,8 @@ CONVERGED_CLAIMS = [
      "Per-parameter learning rates in phase 2 improve our recipe", "target", 0.0),
     ("Two-phase, our recipe, longer phase 2", "Two-phase, our recipe", None,
      "A longer phase 2 (1000 + 3000 steps instead of 2000 + 2000) improves our recipe", "target", 0.0),
+    ("Two-phase, our recipe", RESTART_CONTROL, None,
+     "Converting to attention adds to a restarted conv phase (same schedules, phase 1 shared)", "target", 0.0),
     ("Two-phase, our recipe", "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
     ("Two-phase, our recipe", "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),
@@ -195,6 +201,23 @@ def _converged_claims(test: Dict[str, Dict[int, List[float]]]) -> List[str]:
         lines.append(f"- Target: two-phase at 6,000 images reaches 88% on the full test set: {mean:.2f}% — "
                      f"{'target met' if mean >= 88 else 'target **not met**'}.")
     return lines
+
+
+def _restart_split(test: Dict[str, Dict[int, List[float]]]) -> List[str]:
+    """Our recipe's gap to the conv phase alone, split by the control that keeps the conv through phase 2: what
+    restarting the schedule costs (control − conv) plus what converting to attention adds (ours − control)."""
+    conv, ours, control = (test.get(k, {}) for k in ("Conv phase only", "Two-phase, our recipe", RESTART_CONTROL))
+    parts = []
+    for n in sorted(set(conv) & set(ours) & set(control)):
+        pieces = []
+        for what, a, b in (("restarting the schedule", control[n], conv[n]),
+                           ("converting to attention", ours[n], control[n])):
+            noise = two_standard_errors(a, b)
+            pieces.append(f"{what} {statistics.fmean(a) - statistics.fmean(b):+.2f}"
+                          + (f" (2 SE ±{noise:.2f})" if noise is not None else " (one seed)"))
+        parts.append(f"{n} images: " + ", ".join(pieces))
+    return [f"- Our recipe − conv phase only, split by the control that keeps the conv: {'; '.join(parts)}."] \
+        if parts else []
 
 
 def _budget_figure(budget_grid: Path, steps: Optional[int], out: Path) -> Optional[str]:
@@ -283,7 +306,7 @@ def _conversion_drops(cells: List[dict], labels: List[str]) -> List[str]:
     drops: Dict[str, List[float]] = defaultdict(list)
     for c in cells:
         t = c.get("transfer") or {}
-        if "val_after_conversion" in t:
+        if "val_after_conversion" in t and not t.get("keep_conv"):  # the control converts nothing
             drops[c["label"]].append(t["val_after_conversion"]["top1"] - t["val_before_conversion"]["val_top1"])
     lines = []
     for label in (l for l in labels if l in drops):
@@ -351,7 +374,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         "Test top-1 on the full 10,000-image test set, mean ± standard error (seeds). Every row gets the same number "
         "of optimizer steps whatever the subset size; the last column is the largest val top-1 gain over the last "
         "20% of training among a row's runs (⚠: not plateaued by the 1-point rule).", "", *rows, "",
-        *_converged_claims(test), "", *_conversion_drops(cells, labels), "", *_equal_wall_clock(cells, labels, middle),
+        *_converged_claims(test), *_restart_split(test), "", *_conversion_drops(cells, labels), "", *_equal_wall_clock(cells, labels, middle),
         *_shift_table(cells, labels, middle),
         ("Every run plateaued by the rule." if not unplateaued else
          "Not plateaued (last 20% added ≥ 1 point): " + ", ".join(unplateaued) + "."), "",

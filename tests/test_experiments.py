@@ -449,8 +449,19 @@ def test_report_splits_phase_2s_gap_into_the_restart_and_the_conversion(tmp_path
         _converged_cell(results, "Conv phase only", 2000, seed, conv, flat)
     _converged_cell(results, "Two-phase control, phase 2 keeps the conv", 1000, 0, 80.0, flat)  # no arms at 1k
     report = write_report(results, configs=GRIDS).read_text()
-    assert "- Our recipe − conv phase only, split by the control that keeps the conv: 2000 images: restarting the " \
+    assert "- Two-phase, our recipe − conv phase only, split by the control that keeps the conv: 2000 images: its " \
         "schedule -2.00 (2 SE ±0.82), converting to attention +1.00 (2 SE ±0.82)." in report
+    assert "no restart − conv phase only, split" not in report  # that recipe has no cells here
+    for seed, (control, ours) in enumerate([(85.0, 88.0), (85.5, 88.5), (84.5, 87.5)]):
+        _converged_cell(results, "Two-phase control, no restart, phase 2 keeps the conv", 2000, seed, control, flat)
+        _converged_cell(results, "Two-phase, our recipe, no restart", 2000, seed, ours, flat)
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "- Two-phase, our recipe, no restart − conv phase only, split by the control that keeps the conv: 2000 " \
+        "images: its schedule +0.00 (2 SE ±0.82), converting to attention +3.00 (2 SE ±0.82)." in report
+    assert "Two-phase, our recipe, no restart − Conv phase only, test top-1 by training-set size: 2000: +3.00 " \
+        "(2 SE ±0.82) — target met." in report
+    assert "Two-phase, our recipe, no restart − Two-phase, our recipe, test top-1 by training-set size: 2000: " \
+        "+4.00 (2 SE ±0.82) — target met." in report
     assert "Two-phase, our recipe − Two-phase control, phase 2 keeps the conv, test top-1 by training-set size: " \
         "2000: +1.00 (2 SE ±0.82) — target met." in report
 

@@ -331,7 +331,7 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
     out = results_dir(spec, budget, results_root)
     rows = []
     for entry in cell_configs(spec, budget, seeds, runs_root, only):
-        path, same, progress = _cell_record(entry, out), None, None
+        path = _cell_record(entry, out)
         if _is_finished(entry, path):
             status, detail = "finished", f"test top-1 {json.loads(path.read_text())['test']['top1']:.2f}"
         elif (same := find_finished(entry, results_root)) is not None:

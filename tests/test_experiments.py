@@ -466,6 +466,17 @@ def test_report_splits_phase_2s_gap_into_the_restart_and_the_conversion(tmp_path
         "2000: +1.00 (2 SE ±0.82) — target met." in report
 
 
+def test_report_judges_the_88_percent_target_at_6k_and_says_how_many_seeds(tmp_path):
+    results, flat = tmp_path / "results", [80.0] * 20
+    _converged_cell(results, "Two-phase, our recipe", 6000, 0, 88.7, flat)
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "reaches 88% on the full test set: 88.70 (1) — target met (one seed so far)." in report
+    for seed, top1 in ((1, 87.0), (2, 87.3)):
+        _converged_cell(results, "Two-phase, our recipe", 6000, seed, top1, flat)
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "reaches 88% on the full test set: 87.67 ± 0.52 (3) — target **not met**." in report
+
+
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():
     assert _short_title("Table 1 (short budget: 20 epochs, about 300 steps)") == "Table 1 (short budget)"
     assert _short_title("Figure 2: warm-up (short budget)") == "Figure 2"

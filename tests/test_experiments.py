@@ -374,6 +374,13 @@ def _converged_cell(results: Path, label: str, n: int, seed: int, test_top1: flo
     (results / grid / "cells" / f"{label}_n{n}__seed{seed}.json").write_text(json.dumps(record))
 
 
+def _arms(results: Path, n: int, arms: dict) -> None:
+    """One converged cell per row label and seed (seeds 0, 1, ...), with these test top-1s and a flat curve."""
+    for label, tops in arms.items():
+        for seed, top1 in enumerate(tops):
+            _converged_cell(results, label, n, seed, top1, [80.0] * 20)
+
+
 def test_trajectory_skips_unevaluated_epochs_but_counts_their_steps_and_time():
     from cmhsa.report import _trajectory
     lines = [{"epoch_seconds": 10.0, **({"val_top1": 50.0 + e} if e % 2 else {})} for e in range(6)]  # eval_every=2
@@ -424,37 +431,31 @@ def test_report_converged_protocol(tmp_path):
 
 
 def test_report_judges_the_per_parameter_lr_recipe_against_conv_and_ours(tmp_path):
-    results, flat = tmp_path / "results", [80.0] * 20
-    for seed, (lr, ours, conv) in enumerate([(86.0, 85.0, 83.0), (86.5, 85.5, 83.5), (85.5, 84.5, 82.5)]):
-        _converged_cell(results, "Two-phase, our recipe + per-parameter lr", 2000, seed, lr, flat)
-        _converged_cell(results, "Two-phase, our recipe", 2000, seed, ours, flat)
-        _converged_cell(results, "Conv phase only", 2000, seed, conv, flat)
+    results = tmp_path / "results"
+    _arms(results, 2000, {"Two-phase, our recipe + per-parameter lr": (86.0, 86.5, 85.5),
+                          "Two-phase, our recipe": (85.0, 85.5, 84.5), "Conv phase only": (83.0, 83.5, 82.5)})
     report = write_report(results, configs=GRIDS).read_text()
     assert "Two-phase, our recipe + per-parameter lr − Conv phase only, test top-1 by training-set size: 2000: " \
         "+3.00 (2 SE ±0.82) — target met." in report
     assert "Two-phase, our recipe + per-parameter lr − Two-phase, our recipe, test top-1 by training-set size: " \
         "2000: +1.00 (2 SE ±0.82) — target met." in report
-    for seed, long in enumerate((85.0, 85.5, 84.5)):  # the longer phase 2, equal to our recipe: not an improvement
-        _converged_cell(results, "Two-phase, our recipe, longer phase 2", 2000, seed, long, flat)
+    _arms(results, 2000, {"Two-phase, our recipe, longer phase 2": (85.0, 85.5, 84.5)})  # equal to ours: no gain
     assert "Two-phase, our recipe, longer phase 2 − Two-phase, our recipe, test top-1 by training-set size: " \
         "2000: +0.00 (2 SE ±0.82) — target **not met**." in write_report(results, configs=GRIDS).read_text()
 
 
 def test_report_splits_phase_2s_gap_into_the_restart_and_the_conversion(tmp_path):
     """The control that keeps the conv through phase 2 splits ours - conv into (control - conv) + (ours - control)."""
-    results, flat = tmp_path / "results", [80.0] * 20
-    for seed, (control, ours, conv) in enumerate([(83.0, 84.0, 85.0), (83.5, 84.5, 85.5), (82.5, 83.5, 84.5)]):
-        _converged_cell(results, "Two-phase control, phase 2 keeps the conv", 2000, seed, control, flat)
-        _converged_cell(results, "Two-phase, our recipe", 2000, seed, ours, flat)
-        _converged_cell(results, "Conv phase only", 2000, seed, conv, flat)
-    _converged_cell(results, "Two-phase control, phase 2 keeps the conv", 1000, 0, 80.0, flat)  # no arms at 1k
+    results = tmp_path / "results"
+    _arms(results, 2000, {"Two-phase control, phase 2 keeps the conv": (83.0, 83.5, 82.5),
+                          "Two-phase, our recipe": (84.0, 84.5, 83.5), "Conv phase only": (85.0, 85.5, 84.5)})
+    _arms(results, 1000, {"Two-phase control, phase 2 keeps the conv": (80.0,)})  # no other arm at 1k
     report = write_report(results, configs=GRIDS).read_text()
     assert "- Two-phase, our recipe − conv phase only, split by the control that keeps the conv: 2000 images: its " \
         "schedule -2.00 (2 SE ±0.82), converting to attention +1.00 (2 SE ±0.82)." in report
     assert "no restart − conv phase only, split" not in report  # that recipe has no cells here
-    for seed, (control, ours) in enumerate([(85.0, 88.0), (85.5, 88.5), (84.5, 87.5)]):
-        _converged_cell(results, "Two-phase control, no restart, phase 2 keeps the conv", 2000, seed, control, flat)
-        _converged_cell(results, "Two-phase, our recipe, no restart", 2000, seed, ours, flat)
+    _arms(results, 2000, {"Two-phase control, no restart, phase 2 keeps the conv": (85.0, 85.5, 84.5),
+                          "Two-phase, our recipe, no restart": (88.0, 88.5, 87.5)})
     report = write_report(results, configs=GRIDS).read_text()
     assert "- Two-phase, our recipe, no restart − conv phase only, split by the control that keeps the conv: 2000 " \
         "images: its schedule +0.00 (2 SE ±0.82), converting to attention +3.00 (2 SE ±0.82)." in report

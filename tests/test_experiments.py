@@ -472,7 +472,8 @@ def test_report_judges_the_88_percent_target_at_6k_and_says_how_many_seeds(tmp_p
     results, flat = tmp_path / "results", [80.0] * 20
     _converged_cell(results, "Two-phase, our recipe", 6000, 0, 88.7, flat)
     report = write_report(results, configs=GRIDS).read_text()
-    assert "reaches 88% on the full test set: 88.70 (1) — target met (one seed so far)." in report
+    assert "reaches 88% on the full test set: 88.70, one seed so far — target met." in report
+    assert "1 of our 1 judged targets are met" in report  # the at-a-glance count reads the verdict
     for seed, top1 in ((1, 87.0), (2, 87.3)):
         _converged_cell(results, "Two-phase, our recipe", 6000, seed, top1, flat)
     report = write_report(results, configs=GRIDS).read_text()

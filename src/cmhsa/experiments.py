@@ -313,7 +313,7 @@ def _progress(entry: Dict[str, Any]) -> Optional[str]:
     if not _can_resume(run, entry["config"]) or not run.trained_anything():
         return None
     phases = ("phase1", "phase2") if entry["kind"] == "pipeline" else ("train",)
-    done = [(p, run.phase(p).read_metrics()) for p in phases if run.phase(p).read_metrics()]
+    done = [(p, lines) for p in phases if (lines := run.phase(p).read_metrics())]
     if not done:
         return "started"
     phase, lines = done[-1]

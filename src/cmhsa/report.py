@@ -149,14 +149,14 @@ CONTROLS = {OURS: "Two-phase control, phase 2 keeps the conv",
 CONVERGED_CLAIMS = [
     ("Two-phase, paper recipe", "Conv phase only", None, "The second phase adds to the first (paper recipe)",
      "paper", 0.0),
-    ("Two-phase, our recipe", "Conv phase only", (2000, 6000),
+    (OURS, "Conv phase only", (2000, 6000),
      "Our phase-2 recipe beats the conv phase alone by 2 points (equal steps)", "target", 2.0),
     ("Two-phase, our recipe + per-parameter lr", "Conv phase only", (2000, 6000),
      "Our phase-2 recipe with per-parameter learning rates beats the conv phase alone by 2 points (equal steps)",
      "target", 2.0),
-    ("Two-phase, our recipe + per-parameter lr", "Two-phase, our recipe", None,
+    ("Two-phase, our recipe + per-parameter lr", OURS, None,
      "Per-parameter learning rates in phase 2 improve our recipe", "target", 0.0),
-    ("Two-phase, our recipe, longer phase 2", "Two-phase, our recipe", None,
+    ("Two-phase, our recipe, longer phase 2", OURS, None,
      "A longer phase 2 (1000 + 3000 steps instead of 2000 + 2000) improves our recipe", "target", 0.0),
     (OURS, CONTROLS[OURS], None, "The second phase adds to the first, schedule held fixed (control: phase 2 keeps "
      "the conv; phase 1 shared)", "paper", 0.0),
@@ -165,12 +165,12 @@ CONVERGED_CLAIMS = [
     (OURS_NO_RESTART, OURS, None, "Not restarting the schedule improves our recipe", "target", 0.0),
     (OURS_NO_RESTART, CONTROLS[OURS_NO_RESTART], None, "The second phase adds to the first, schedule held fixed "
      "(no restart; control: phase 2 keeps the conv)", "paper", 0.0),
-    ("Two-phase, our recipe", "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
+    (OURS, "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
-    ("Two-phase, our recipe", "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),
-    ("Two-phase, our recipe", "Attention from scratch", None,
+    (OURS, "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),
+    (OURS, "Attention from scratch", None,
      "Convolutional initialisation beats training the attention model from scratch", "paper", 0.0),
-    ("Two-phase, our recipe", "Structure only (conv attention pattern, random filters)", None,
+    (OURS, "Structure only (conv attention pattern, random filters)", None,
      "The gain comes from the trained filters, not only from the local attention pattern", "target", 0.0),
 ]
 
@@ -203,7 +203,7 @@ def _converged_claims(test: Dict[str, Dict[int, List[float]]]) -> List[str]:
             verdict = ("not judged yet (one seed)" if not met else "target met" if all(met) else
                        "target **not met**" if not any(met) else "target met at some sizes only")
         lines.append(f"- {text}: {a} − {b}, test top-1 by training-set size: {', '.join(parts)} — {verdict}.")
-    best = test.get("Two-phase, our recipe", {}).get(6000)
+    best = test.get(OURS, {}).get(6000)
     if best:
         mean = statistics.fmean(best)
         seeds = f"{mean:.2f}, one seed so far" if len(best) == 1 else _se_text(best)
@@ -396,7 +396,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
     ])
 
 
-GEOMETRY_ARMS = ("Two-phase, our recipe", "Two-phase, paper recipe")
+GEOMETRY_ARMS = (OURS, "Two-phase, paper recipe")
 
 
 def _grid_label(cell: dict) -> str:

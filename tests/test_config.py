@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cmhsa.cli import main
-from cmhsa.config import RunConfig, load_config
+from cmhsa.config import RunConfig, TrainConfig, load_config
 from cmhsa.experiments import cell_configs, find_finished, load_experiment, recorded_config, run_experiment
 from cmhsa.models import convert_model
 
@@ -95,6 +95,21 @@ def test_round_trip_and_phase_layering():
     assert c.to_dict()["phase1"] == {"epochs": 200, "lr": 1.25e-4}  # phase sections hold what they set
     scaled = c.set({"phase2.lr_scale": {"*.rel_pos_bias": 10}})
     assert scaled.phase_config("phase2").lr_scale == {"*.rel_pos_bias": 10} and scaled.phase_config("phase1").lr_scale == {}
+
+
+def test_continue_schedule_makes_phase_2_the_rest_of_phase_1s_run():
+    c = load_config(CONFIGS / "fmnist_tiny.yaml", ["convert.continue_schedule=true", "phase2.lr=null",
+                                                   "phase2.warmup_epochs=null", "phase2.eval_every=2"])
+    first, second = c.phase_config("phase1"), c.phase_config("phase2")
+    assert (first.epochs, first.first_epoch, first.schedule_epochs) == (20, 0, 32)
+    assert (second.epochs, second.first_epoch, second.schedule_epochs) == (12, 20, 32)
+    assert (second.lr, second.warmup_epochs, second.eval_every) == (first.lr, 1, 2)  # phase 1's, but its own eval
+    with pytest.raises(ValueError, match=r"phase2.lr=0.0005 \(phase 1: 0.002\)\. Unset those phase2 keys"):
+        load_config(CONFIGS / "fmnist_tiny.yaml", ["convert.continue_schedule=true", "phase2.warmup_epochs=null"])
+    with pytest.raises(ValueError, match="unknown config key 'phase2.first_epoch'"):  # set by the run config only
+        load_config(CONFIGS / "fmnist_tiny.yaml", ["phase2.first_epoch=3"])
+    with pytest.raises(ValueError, match="run past the schedule's 4 epochs"):
+        TrainConfig(epochs=3, first_epoch=2, schedule_epochs=4)
 
 
 @pytest.mark.parametrize("grid", sorted(p.name for p in (CONFIGS / "experiments").glob("*.yaml")))

@@ -607,3 +607,24 @@ def test_report_names_the_precision_of_every_row():
     assert row_precision(two) == "fp32 / bf16"
     assert row_precision({"phases": {"train": [{"precision": "fp32"}]}}) == "fp32"
     assert row_precision({"phases": {"train": [{}]}, "config": {"train": {"precision": "auto"}}}) == "auto (setting)"
+
+
+def test_report_judges_the_mid_run_conversion_against_the_conv_row_its_control(tmp_path):
+    results = tmp_path / "results"
+    _arms(results, 2000, {"Two-phase, our recipe, converted mid-run": (86.0, 86.5, 85.5),
+                          "Conv phase only": (85.0, 85.5, 84.5)})
+    report = write_report(results, configs=GRIDS).read_text()
+    assert "Our recipe converted mid-run beats the conv phase alone by 2 points (equal steps): Two-phase, our " \
+        "recipe, converted mid-run − Conv phase only, test top-1 by training-set size: 2000: +1.00 (2 SE ±0.82) — " \
+        "target **not met**." in report
+    assert "converted at its midpoint; its keep-conv control is the conv row, bit for bit): Two-phase, our recipe, " \
+        "converted mid-run − Conv phase only, test top-1 by training-set size: 2000: +1.00 (2 SE ±0.82) — " \
+        "**agrees** with the paper." in report
+
+
+def test_every_converged_claim_names_rows_of_the_converged_grid():
+    """A claim whose row label matches no cell would silently never be judged."""
+    from cmhsa.report import CONTROLS, CONVERGED_CLAIMS
+    labels = {cell["label"] for cell in yaml.safe_load((GRIDS / "converged.yaml").read_text())["cells"]}
+    named = {arm for claim in CONVERGED_CLAIMS for arm in claim[:2]} | set(CONTROLS) | set(CONTROLS.values())
+    assert named <= labels, named - labels

@@ -1,4 +1,6 @@
 """End to end: config -> phase 1 -> exact conversion -> phase 2 -> report, resume, eval/convert/train commands."""
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +13,9 @@ from cifar_fixture import make_cifar100
 from cmhsa.cli import main
 from cmhsa.config import apply_overrides, load_config
 from cmhsa.forms import convert_form
-from cmhsa.pipeline import build_loaders, load_model, run_pipeline
+from cmhsa import pipeline
+from cmhsa.engine import fit
+from cmhsa.pipeline import build_loaders, create_model, load_model, model_spec, run_pipeline
 from cmhsa.plots import read_metrics
 from cmhsa.provenance import git_state
 from cmhsa.rundir import RunDir
@@ -98,6 +102,59 @@ def test_keep_conv_control_trains_the_conv_model_on_through_phase_2(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(phase1.state_dict().values(), phase2.state_dict().values()))
     text = (tmp_path / "summary.md").read_text()
     assert "No conversion (convert.keep_conv" in text and "| 2: convolution, kept |" in text
+
+
+def test_continue_schedule_with_keep_conv_is_the_conv_models_run_bit_for_bit(tmp_path):
+    """convert.continue_schedule: phase 2 continues phase 1's lr schedule, data order and optimizer state, so with
+    keep_conv the two phases are one uninterrupted training run of the conv model (dropout, mixup and augmentation
+    included)."""
+    both = [o for o in TINY if not o.startswith("phase2.lr")] + [
+        "model.kwargs={patch_size: 2, pixel_dim: 8, depth: 2, mlp_ratio: 2.0, drop_path_rate: 0.1}",
+        "data.augment=light", "train.mixup=0.2", "phase1.epochs=2", "phase1.warmup_epochs=1", "phase2.epochs=2"]
+    config = load_config(None, both + [f"output={tmp_path / 'two'}", "convert.keep_conv=true",
+                                       "convert.continue_schedule=true"])
+    run_pipeline(config, progress=False)
+    cfg = dataclasses.replace(config.phase_config("phase1", 10), epochs=4, schedule_epochs=None)
+    spec = model_spec(config)
+    model = create_model(spec, seed=cfg.seed)
+    train_loader, val_loader, _ = build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])
+    fit(model, train_loader, val_loader, cfg, tmp_path / "one", progress=False)
+    phase2, _, _ = load_model(tmp_path / "two" / "phase2")
+    one, two = model.state_dict(), phase2.state_dict()
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    whole = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    halves = [read_metrics(tmp_path / "two" / p / "metrics.jsonl") for p in ("phase1", "phase2")]
+    assert [m["lr"] for m in whole] == [m["lr"] for h in halves for m in h]
+    assert [m["epoch"] for m in halves[1]] == [0, 1]  # each phase counts its own epochs
+    assert "Phase 2 continued phase 1's run" in (tmp_path / "two" / "summary.md").read_text()
+
+
+def test_continue_schedule_carries_the_optimizer_state_of_the_parameters_the_conversion_keeps(tmp_path):
+    config = load_config(None, [o for o in TINY if not o.startswith("phase2.lr")] + [
+        f"output={tmp_path}", "phase1.epochs=1", "convert.continue_schedule=true", "convert.form=factorized"])
+    carried = {}
+    original = pipeline.transfer_optimizer_state
+
+    def spy(source, source_optimizer, target, target_optimizer):
+        names = original(source, source_optimizer, target, target_optimizer)
+        head = dict(target.named_parameters())["head.weight"]
+        carried.update(source=dict(source.named_parameters()), optimizer=source_optimizer, names=names,
+                       target=dict(target.named_parameters()), head_state=copy.deepcopy(target_optimizer.state[head]))
+        return names
+
+    pipeline.transfer_optimizer_state = spy
+    try:
+        run_pipeline(config, progress=False)
+    finally:
+        pipeline.transfer_optimizer_state = original
+    kept = {n for n, p in carried["target"].items()  # phase 1 keeps the per-pixel lift fixed: no state
+            if n in carried["source"] and carried["source"][n].shape == p.shape and carried["source"][n].requires_grad}
+    assert set(carried["names"]) == kept and "head.weight" in kept and len(kept) < len(carried["target"])
+    before = carried["optimizer"].state[carried["source"]["head.weight"]]
+    assert before["step"] > 0 and before.keys() == carried["head_state"].keys()
+    # phase 2 starts from phase 1's moments and their step count (AdamW's bias correction goes on from there)
+    assert all(torch.equal(before[k], carried["head_state"][k]) for k in before)
+    assert not any("mixer" in n for n in kept)  # the conv mixer became attention: its parameters start fresh
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from torch import nn
 from .atomic import fsync_dir
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_weights", "has_checkpoint", "read_checkpoint_info",
-           "CheckpointCorrupt"]
+           "read_optimizer_state", "CheckpointCorrupt"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -233,6 +233,16 @@ def read_checkpoint_info(path_dir: PathLike) -> Dict[str, Any]:
     """``{"epoch", "extra"}`` of a checkpoint without touching any model, optimizer or RNG."""
     state = _read_state(_resolve_dir(Path(path_dir)))
     return {"epoch": state["epoch"], "extra": state["extra"]}
+
+
+def read_optimizer_state(path_dir: PathLike) -> Dict[str, Any]:
+    """The optimizer ``state_dict`` a checkpoint holds, touching nothing else (no weights, no RNG)."""
+    path_dir = Path(path_dir)
+    state = _read_state(_resolve_dir(path_dir))
+    if state["optimizer"] is None:
+        raise ValueError(f"{path_dir} was saved without optimizer state (a weights-only checkpoint such as best/); "
+                         f"read it from the phase's last/")
+    return state["optimizer"]
 
 
 def load_checkpoint(

@@ -29,11 +29,13 @@ from .atomic import atomic_write_text
 from .convert import DEFAULT_BIAS_STRENGTH
 
 __all__ = ["DataConfig", "ModelConfig", "ConvertConfig", "TrainConfig", "PhaseConfig", "RunConfig", "load_config",
-           "apply_overrides", "save_config", "CONVERT_FORMS", "PHASES"]
+           "apply_overrides", "save_config", "CONVERT_FORMS", "PHASES", "RESUME_FREE_KEYS"]
 
 PHASES = ("phase1", "phase2")
 CONVERT_FORMS = ("paper", "factorized", "local")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# Settings that may change between a run and its resume without changing what it computes.
+RESUME_FREE_KEYS = frozenset({"output", "device", "compile", "log_interval", "checkpoint_every", "eval_every"})
 
 
 def _check(test, allowed: str) -> Dict[str, Any]:
@@ -85,6 +87,10 @@ class ConvertConfig:
     # a control: phase 2 trains the phase-1 convolution model on (the same restarted schedule, no conversion), which
     # separates what restarting the schedule costs from what the attention adds
     keep_conv: bool = False
+    # convert mid-run: phase 1 and phase 2 are one training run of phase1.epochs + phase2.epochs epochs with phase
+    # 1's settings (one lr schedule, one data order), and every parameter the conversion keeps (name and shape) keeps
+    # its optimizer state. With keep_conv it is the conv model's run, bit for bit.
+    continue_schedule: bool = False
 
 
 @dataclass
@@ -124,23 +130,37 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=_AT_LEAST_1)
     max_steps_per_epoch: Optional[int] = field(default=None, metadata=_AT_LEAST_1)  # cap, for smoke tests
     checkpoint_every: int = field(default=0, metadata=_NON_NEGATIVE)  # keep epoch_XXX/ weights every n epochs
-    num_classes: int = field(default=10, metadata=_AT_LEAST_1)  # set from the dataset, not a config key
+    # set by RunConfig.phase_config, not config keys:
+    num_classes: int = field(default=10, metadata=_AT_LEAST_1)  # from the dataset
+    # a phase that is part of a longer run (convert.continue_schedule) trains epochs first_epoch ..
+    # first_epoch + epochs - 1 of a run whose lr schedule spans schedule_epochs (None: epochs)
+    first_epoch: int = field(default=0, metadata=_NON_NEGATIVE)
+    schedule_epochs: Optional[int] = field(default=None, metadata=_AT_LEAST_1)
 
     def __post_init__(self) -> None:
         _validate(self, "")
         for pattern, scale in self.lr_scale.items():
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
                 raise ValueError(f"lr_scale[{pattern!r}] must be a number >= 0 (a multiplier of lr), got {scale!r}")
-        if not self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if not self.warmup_epochs < self.total_epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.total_epochs}), got {self.warmup_epochs}")
+        if self.first_epoch + self.epochs > self.total_epochs:
+            raise ValueError(f"epochs {self.first_epoch}..{self.first_epoch + self.epochs - 1} run past the schedule's "
+                             f"{self.total_epochs} epochs")
+
+    @property
+    def total_epochs(self) -> int:
+        """The length of the lr schedule this phase is part of."""
+        return self.schedule_epochs or self.epochs
 
 
 # A phase section: every TrainConfig setting, unset (None) by default, meaning "as in train". Use 0 to switch off
 # clip_grad or ema_decay in one phase only.
+_DERIVED_KEYS = ("num_classes", "first_epoch", "schedule_epochs")  # TrainConfig fields the run config sets itself
 PhaseConfig = dataclasses.make_dataclass(
     "PhaseConfig",
     [(f.name, Optional[typing.get_type_hints(TrainConfig)[f.name]], field(default=None, metadata=f.metadata))
-     for f in fields(TrainConfig) if f.name != "num_classes"],
+     for f in fields(TrainConfig) if f.name not in _DERIVED_KEYS],
     namespace={"__doc__": "Per-phase training settings over ``train``; None means unset (train's value)."},
 )
 PhaseConfig.__module__ = __name__
@@ -169,17 +189,21 @@ class RunConfig:
         if not isinstance(values, dict):
             raise ValueError(f"a run config is a mapping of sections, got {type(values).__name__}")
         config = _build(cls, values, "")
-        for phase in PHASES:  # settings that only make sense together, e.g. warmup_epochs < epochs
+        # settings that only make sense together, e.g. warmup_epochs < epochs
+        for phase in PHASES[:1] if config.convert.continue_schedule else PHASES:
             try:
-                config.phase_config(phase)
+                config._layered(phase)
             except ValueError as e:
                 raise ValueError(f"{phase} (train layered with {phase}): {e}") from None
+        if config.convert.continue_schedule:
+            config.phase_config("phase2")  # its error names the phase-2 keys at fault
         return config
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain containers (tuples as lists) for YAML and JSON; phase sections hold only the settings they set."""
         out = _plain(dataclasses.asdict(self))
-        out["train"].pop("num_classes")
+        for key in _DERIVED_KEYS:
+            out["train"].pop(key)
         for phase in PHASES:
             out[phase] = {k: v for k, v in out[phase].items() if v is not None}
         return out
@@ -201,12 +225,37 @@ class RunConfig:
         """The engine's settings for ``phase`` ('phase1' or 'phase2'): ``train`` with the phase's set fields."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        section = getattr(self, phase)
-        changes = {f.name: getattr(section, f.name) for f in fields(section) if getattr(section, f.name) is not None}
-        return dataclasses.replace(self.train, **changes, num_classes=num_classes)
+        if self.convert.continue_schedule:
+            return self._continued_phase_config(phase, num_classes)
+        return self._layered(phase, num_classes=num_classes)
+
+    def _layered(self, phase: str, **derived) -> TrainConfig:
+        """``train`` with the phase section's set fields."""
+        return dataclasses.replace(self.train, **_set_fields(getattr(self, phase)), **derived)
+
+    def _continued_phase_config(self, phase: str, num_classes: int) -> TrainConfig:
+        """``convert.continue_schedule``: both phases are parts of phase 1's run, whose schedule spans both; phase 2
+        may set only its length and how it logs, evaluates and keeps weights."""
+        first, own = self._layered("phase1"), _set_fields(self.phase2)
+        differ = [f"phase2.{key}={value!r} (phase 1: {getattr(first, key)!r})" for key, value in own.items()
+                  if key not in ("epochs", *RESUME_FREE_KEYS) and value != getattr(first, key)]
+        if differ:
+            raise ValueError(f"convert.continue_schedule makes phase 2 the rest of phase 1's run, with phase 1's "
+                             f"settings, but {', '.join(differ)}. Unset those phase2 keys, or drop "
+                             f"convert.continue_schedule")
+        second = dataclasses.replace(first, **own)
+        total = first.epochs + second.epochs
+        if phase == "phase1":
+            return dataclasses.replace(first, schedule_epochs=total, num_classes=num_classes)
+        return dataclasses.replace(second, first_epoch=first.epochs, schedule_epochs=total, num_classes=num_classes)
 
     def run_dir(self) -> Path:
         return Path(self.output or Path("runs") / self.name)
+
+
+def _set_fields(section) -> Dict[str, Any]:
+    """The fields a phase section sets (not None)."""
+    return {f.name: getattr(section, f.name) for f in fields(section) if getattr(section, f.name) is not None}
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -234,7 +283,7 @@ def _unknown_key(key: str, known: Iterable[str], where: str) -> str:
 def _build(cls, values: Dict[str, Any], where: str):
     """An instance of the dataclass ``cls`` from ``values``, checking keys, types and ranges."""
     hints = _hints(cls)
-    known = {f.name: f for f in fields(cls) if not (cls is TrainConfig and f.name == "num_classes")}
+    known = {f.name: f for f in fields(cls) if not (cls is TrainConfig and f.name in _DERIVED_KEYS)}
     for key in values:
         if key not in known:
             raise ValueError(_unknown_key(str(key), known, where))

@@ -51,9 +51,9 @@ from tqdm import tqdm
 
 from .attention import RelPosAttention
 from .checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from .config import PRECISIONS, TrainConfig
+from .config import PRECISIONS, RESUME_FREE_KEYS, TrainConfig
 from .models import CMHSA
-from .rundir import RESUME_FREE_KEYS, PhaseDir
+from .rundir import PhaseDir
 
 __all__ = [
     "TrainConfig",
@@ -77,6 +77,7 @@ __all__ = [
     "evaluate",
     "TrainState",
     "create_train_state",
+    "transfer_optimizer_state",
     "fit",
 ]
 
@@ -292,14 +293,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_
 
     The lr starts at ``cfg.warmup_lr``, rises linearly to ``cfg.lr`` over ``cfg.warmup_epochs``, then follows
     the schedule from ``cfg.lr`` down to ``cfg.min_lr`` over the remaining epochs, reaching it at the end of
-    training (``cfg.epochs`` in total, warm-up included).
+    training (``cfg.total_epochs`` in total, warm-up included).
     """
     scheduler, _ = create_scheduler_v2(
         optimizer,
         sched=cfg.sched,
         # The decay starts after the warm-up (warmup_prefix) rather than already running during it, so the
-        # lr peaks at exactly cfg.lr with no drop after warm-up; the total stays cfg.epochs.
-        num_epochs=cfg.epochs - cfg.warmup_epochs,
+        # lr peaks at exactly cfg.lr with no drop after warm-up; the total stays cfg.total_epochs.
+        num_epochs=cfg.total_epochs - cfg.warmup_epochs,
         warmup_epochs=cfg.warmup_epochs,
         warmup_prefix=True,
         warmup_lr=cfg.warmup_lr,
@@ -563,6 +564,23 @@ def create_train_state(model: nn.Module, cfg: TrainConfig, device: torch.device,
     )
 
 
+def transfer_optimizer_state(source: nn.Module, source_optimizer: torch.optim.Optimizer, target: nn.Module,
+                             target_optimizer: torch.optim.Optimizer) -> List[str]:
+    """Give each parameter of ``target`` the optimizer state (e.g. AdamW's moments and step count) of the
+    ``source`` parameter with its name and shape; returns the names carried over. The others start fresh."""
+    source_state = {name: source_optimizer.state[p] for name, p in unwrap_model(source).named_parameters()
+                    if p in source_optimizer.state}
+    carried = []
+    for name, param in unwrap_model(target).named_parameters():
+        state = source_state.get(name)
+        if state is None or any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
+            continue
+        target_optimizer.state[param] = {k: v.detach().clone().to(param.device) if torch.is_tensor(v) else v
+                                         for k, v in state.items()}
+        carried.append(name)
+    return carried
+
+
 def _check_resumable(extra: Dict[str, Any], phase: str, config: Dict[str, Any], path: Path) -> None:
     if extra.get("phase") != phase:
         raise ValueError(
@@ -649,6 +667,7 @@ def fit(
     on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
     param_groups_fn: Optional[Callable[[nn.Module], Any]] = None,
     progress: bool = True,
+    on_start: Optional[Callable[[TrainState], None]] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` epochs with checkpointing and exact resume; returns the final metrics.
 
@@ -666,12 +685,17 @@ def fit(
     ``device``, ``compile``, ``log_interval``, ``checkpoint_every`` and ``eval_every`` may differ), else
     ValueError. Without ``resume`` any metrics lines of this phase are dropped and training starts from scratch.
 
+    A phase of a longer run (``cfg.first_epoch`` > 0 or ``cfg.schedule_epochs``) draws each epoch's randomness
+    and lr as that epoch of the whole run; its metrics lines count its own epochs from 0.
+
     Args:
         phase: label written into every metrics line; use one ``out_dir`` per phase.
         on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` on every rank after each epoch.
         param_groups_fn: custom optimizer param groups, see :func:`build_optimizer`.
         progress: show a tqdm bar and print a summary line per epoch (rank 0); otherwise the summary is
             logged at INFO level.
+        on_start: called as ``on_start(state)`` when training starts afresh (not on resume), e.g. to carry over
+            optimizer state (:func:`transfer_optimizer_state`).
 
     Returns:
         The last epoch's metrics line (``phase, epoch, train_loss, val_loss, val_top1, val_top5, lr,
@@ -685,21 +709,27 @@ def fit(
     if getattr(train_loader, "persistent_workers", False):
         warnings.warn("persistent train-loader workers keep their RNG across epochs, so resume is not exact")
     device = resolve_device(cfg)
-    state = create_train_state(model, cfg, device, steps_per_epoch(train_loader, cfg), param_groups_fn)
+    updates_per_epoch = steps_per_epoch(train_loader, cfg)
+    state = create_train_state(model, cfg, device, updates_per_epoch, param_groups_fn)
     loss_fn, mixup_fn = build_loss(cfg)
     config = asdict(cfg)
 
     record: Dict[str, Any] = {}
     if resume and has_checkpoint(out.last):
         record = state.load(out.last, check=lambda extra: _check_resumable(extra, phase, config, out.last))["metrics"]
+    else:
+        if cfg.first_epoch and state.scheduler is not None:  # the lr where the run this phase continues left it
+            state.scheduler.step_update(num_updates=cfg.first_epoch * updates_per_epoch)
+        if on_start is not None:
+            on_start(state)
     if rank == 0 and state.epoch < cfg.epochs:
         out.truncate_metrics(phase, state.epoch - 1)
     train_model, eval_model = _wrap(state.model, cfg, device)
 
     start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.epochs):
-        _seed_epoch(train_loader, cfg.seed, epoch, rank)
-        train = train_one_epoch(train_model, train_loader, state.optimizer, loss_fn, cfg, epoch,
+        _seed_epoch(train_loader, cfg.seed, cfg.first_epoch + epoch, rank)
+        train = train_one_epoch(train_model, train_loader, state.optimizer, loss_fn, cfg, cfg.first_epoch + epoch,
                                 scheduler=state.scheduler, mixup_fn=mixup_fn, ema=state.ema, device=device,
                                 progress=progress, scaler=state.scaler)
         evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch == cfg.epochs - 1

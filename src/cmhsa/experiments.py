@@ -35,11 +35,12 @@ import torch
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides, read_yaml
+from .config import (RESUME_FREE_KEYS, ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides,
+                     read_yaml)
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
 from .provenance import git_state
-from .rundir import RESUME_FREE_KEYS, RunDir
+from .rundir import RunDir
 
 __all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 
 from . import data as cmdata
 from .atomic import atomic_path
-from .checkpoint import load_weights
-from .config import RunConfig
-from .engine import (all_ranks_agree, evaluate, fit, init_distributed, is_main_process, resolve_device,
-                     resolve_precision, seed_everything)
+from .checkpoint import load_weights, read_optimizer_state
+from .config import RunConfig, TrainConfig
+from .engine import (TrainState, all_ranks_agree, build_optimizer, evaluate, fit, init_distributed, is_main_process,
+                     resolve_device, resolve_precision, seed_everything, transfer_optimizer_state)
 from .models import CMHSA, convert_model, transfer_error
 from .plots import plot_curves
 from .provenance import git_state
@@ -158,15 +158,26 @@ def open_run(config: RunConfig, resume: bool = True) -> RunDir:
 
 
 def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase: str, phase_dir: PhaseDir,
-                resume: bool = True, progress: bool = True,
-                loaders: Optional[Tuple[DataLoader, DataLoader]] = None) -> Dict[str, Any]:
+                resume: bool = True, progress: bool = True, loaders: Optional[Tuple[DataLoader, DataLoader]] = None,
+                on_start: Optional[Callable[[TrainState], None]] = None) -> Dict[str, Any]:
     """Train ``model`` with the ``phase`` settings of ``config`` into ``phase_dir``; returns the final metrics.
-    ``loaders`` (train, val) are built from the config unless given."""
+    ``loaders`` (train, val) are built from the config unless given; ``on_start`` as in :func:`fit`."""
     cfg = config.phase_config(phase, spec["kwargs"]["num_classes"])
     train_loader, val_loader = loaders or build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])[:2]
     if is_main_process():
         phase_dir.write_spec(spec)
-    return fit(model, train_loader, val_loader, cfg, phase_dir, resume=resume, phase=phase, progress=progress)
+    return fit(model, train_loader, val_loader, cfg, phase_dir, resume=resume, phase=phase, progress=progress,
+               on_start=on_start)
+
+
+def _carry_optimizer_state(conv_model: nn.Module, cfg1: TrainConfig, phase1: PhaseDir) -> Callable[[TrainState], None]:
+    """Phase 2's ``on_start`` under ``convert.continue_schedule``: every parameter the conversion kept (its name and
+    shape) starts phase 2 with the optimizer state it ended phase 1 with."""
+    def carry(state: TrainState) -> None:
+        optimizer1 = build_optimizer(conv_model, cfg1)
+        optimizer1.load_state_dict(read_optimizer_state(phase1.last))
+        transfer_optimizer_state(conv_model, optimizer1, state.model, state.optimizer)
+    return carry
 
 
 def _convert(conv_model: CMHSA, config: RunConfig, sample: torch.Tensor) -> Tuple[CMHSA, Dict[str, Any]]:
@@ -183,7 +194,7 @@ def _convert(conv_model: CMHSA, config: RunConfig, sample: torch.Tensor) -> Tupl
         "float64": transfer_error(conv64, convert(conv64), sample.double()),
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c.bias_strength, "null_key": c.null_key, "qk_std": c.qk_std, "form": c.form,
-        "keep_conv": c.keep_conv,
+        "keep_conv": c.keep_conv, "continue_schedule": c.continue_schedule,
     }
     return attn_model, report
 
@@ -218,8 +229,10 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
                   f"float32 {transfer['float32']['logits_error']:.2e}; val top-1 {phase1['val_top1']:.2f} -> "
                   f"{after['top1']:.2f} (before -> after conversion)")
 
+        carry = (_carry_optimizer_state(conv_model, config.phase_config("phase1", num_classes), run.phase("phase1"))
+                 if config.convert.continue_schedule else None)
         phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", run.phase("phase2"), resume,
-                             progress, loaders=(train_loader2, val_loader))
+                             progress, loaders=(train_loader2, val_loader), on_start=carry)
         summary = _summarize(config, run, phase1, phase2, transfer, conv_model, attn_model)
         if is_main_process():
             with atomic_path(run.curves_path) as tmp:
@@ -274,5 +287,8 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
          f"{'on' if t['null_key'] else 'off'}): max ") +
         f"|logits error| {t['float64']['logits_error']:.2e} in float64, {t['float32']['logits_error']:.2e} in "
         f"float32; val top-1 {t['val_before_conversion']['val_top1']:.2f} before, "
-        f"{t['val_after_conversion']['top1']:.2f} right after.", "", "![curves](curves.png)", "",
+        f"{t['val_after_conversion']['top1']:.2f} right after." +
+        (" Phase 2 continued phase 1's run (convert.continue_schedule): one lr schedule over both phases, and "
+         "the optimizer state of every parameter the conversion kept." if t.get("continue_schedule") else ""),
+        "", "![curves](curves.png)", "",
     ])

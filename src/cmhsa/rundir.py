@@ -29,12 +29,9 @@ from typing import Any, Dict, List, Optional, Union
 
 
 from .atomic import append_line, atomic_write_json, atomic_write_text
-from .config import RunConfig, config_differences, read_yaml, save_config
+from .config import RESUME_FREE_KEYS, RunConfig, config_differences, read_yaml, save_config
 
-__all__ = ["RunDir", "PhaseDir", "RunDirLocked", "RESUME_FREE_KEYS"]
-
-# Settings that may change between a run and its resume without changing what it computes.
-RESUME_FREE_KEYS = frozenset({"output", "device", "compile", "log_interval", "checkpoint_every", "eval_every"})
+__all__ = ["RunDir", "PhaseDir", "RunDirLocked"]
 
 
 class RunDirLocked(RuntimeError):

@@ -628,3 +628,17 @@ def test_every_converged_claim_names_rows_of_the_converged_grid():
     labels = {cell["label"] for cell in yaml.safe_load((GRIDS / "converged.yaml").read_text())["cells"]}
     named = {arm for claim in CONVERGED_CLAIMS for arm in claim[:2]} | set(CONTROLS) | set(CONTROLS.values())
     assert named <= labels, named - labels
+
+
+def test_a_continued_runs_phases_round_their_step_budget_once_like_the_conv_row():
+    """Each phase of a two-run cell rounds its steps up to whole epochs; the phases of one continued run round the
+    sum once, so at every size they add up to the conv row's epochs (its keep-conv control is that row)."""
+    spec = load_experiment(GRIDS / "converged.yaml")
+    configs = {e["cell"]: e["config"] for e in cell_configs(spec, "full", [0])}
+    for n in (1000, 2000, 6000):
+        continued = configs[f"two_phase_ours_continued_n{n}"]
+        halves = [continued.phase_config(p) for p in ("phase1", "phase2")]
+        assert halves[0].epochs + halves[1].epochs == configs[f"conv_n{n}"].phase_config("phase1").epochs
+        assert halves[1].first_epoch == halves[0].epochs and halves[1].total_epochs == halves[0].total_epochs
+    restart = configs["two_phase_ours_n6000"]  # two runs: 2000 steps each, 43.5 epochs, both rounded up
+    assert [restart.phase_config(p).epochs for p in ("phase1", "phase2")] == [44, 44]

@@ -35,7 +35,7 @@ import torch
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import (RESUME_FREE_KEYS, ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides,
+from .config import (PHASES, RESUME_FREE_KEYS, ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides,
                      read_yaml)
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
@@ -106,11 +106,14 @@ def _expand_sizes(spec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
 
 
 def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) -> Dict[str, int]:
-    """``{"phase.epochs": E, ...}``: the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase as epochs."""
+    """``{"phase.epochs": E, ...}``: the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase as epochs. The
+    phases of one continued run (``convert.continue_schedule``) round their steps once, as that run would."""
     settings = {}
     n = config.data.train_subset
     for key, epochs_key in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
-        for phase, steps in {**spec.get(key, {}), **cell.get(key, {})}.items():
+        before = 0  # steps of the run's earlier phases, when they are one run
+        budget = {**spec.get(key, {}), **cell.get(key, {})}
+        for phase, steps in sorted(budget.items(), key=lambda item: PHASES.index(item[0])):
             if not isinstance(n, int):
                 raise ValueError(f"cell {cell['name']!r}: a budget in steps needs data.train_subset as an image "
                                  f"count, got {n!r}")
@@ -118,7 +121,9 @@ def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) 
             per_epoch = n // batch
             if per_epoch < 1:
                 raise ValueError(f"cell {cell['name']!r}: batch size {batch} exceeds the {n} training images")
-            settings[f"{phase}.{epochs_key}"] = math.ceil(steps / per_epoch)
+            settings[f"{phase}.{epochs_key}"] = math.ceil((before + steps) / per_epoch) - math.ceil(before / per_epoch)
+            if key == "steps" and config.convert.continue_schedule:
+                before += steps
     return settings
 
 

@@ -89,7 +89,8 @@ class ConvertConfig:
     keep_conv: bool = False
     # convert mid-run: phase 1 and phase 2 are one training run of phase1.epochs + phase2.epochs epochs with phase
     # 1's settings (one lr schedule, one data order), and every parameter the conversion keeps (name and shape) keeps
-    # its optimizer state. With keep_conv it is the conv model's run, bit for bit.
+    # its optimizer state (an EMA starts afresh from the converted weights). With keep_conv it is the conv model's
+    # run, bit for bit.
     continue_schedule: bool = False
 
 

@@ -521,8 +521,10 @@ def test_report_phase2_gain_against_grid_size(tmp_path):
     report = write_report(results, configs=GRIDS).read_text()
     section = report[report.index("## Grid size"):report.index("## Table 1")]
     # SE of 3 seeds 0/1/2 apart: 0.58; 2 SE of a difference of two such arms: 2 * sqrt(2/3) = 1.63
-    assert "| 1000 | 28 px, 7x7 grid | 83.00 ± 0.58 (3) | 81.00 ± 0.58 (3) | -2.00 (±1.63) | — | — |" in section
-    assert "| 1000 | 40 px, 10x10 grid | 83.00 ± 0.58 (3) | 85.00 ± 0.58 (3) | +2.00 (±1.63) | — | — |" in section
+    assert "| 1000 | 28 px, 7x7 grid | 83.00 ± 0.58 (3) | 81.00 ± 0.58 (3) | -2.00 (±1.63) | — | — | — | — |" \
+        in section
+    assert "| 1000 | 40 px, 10x10 grid | 83.00 ± 0.58 (3) | 85.00 ± 0.58 (3) | +2.00 (±1.63) | — | — | — | — |" \
+        in section
     assert "| 2000 |" not in section and "Progress: 6 of" in section
 
 

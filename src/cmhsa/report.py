@@ -401,7 +401,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
     ])
 
 
-GEOMETRY_ARMS = (OURS, "Two-phase, paper recipe")
+GEOMETRY_ARMS = (OURS, OURS_CONTINUED, "Two-phase, paper recipe")
 
 
 def _grid_label(cell: dict) -> str:

@@ -110,7 +110,8 @@ def test_continue_schedule_with_keep_conv_is_the_conv_models_run_bit_for_bit(tmp
     included)."""
     both = [o for o in TINY if not o.startswith("phase2.lr")] + [
         "model.kwargs={patch_size: 2, pixel_dim: 8, depth: 2, mlp_ratio: 2.0, drop_path_rate: 0.1}",
-        "data.augment=light", "train.mixup=0.2", "phase1.epochs=2", "phase1.warmup_epochs=1", "phase2.epochs=2"]
+        "data.augment=light", "train.mixup=0.2", "phase1.epochs=2", "phase1.warmup_epochs=1", "phase2.epochs=2",
+        "train.max_steps_per_epoch=4"]
     config = load_config(None, both + [f"output={tmp_path / 'two'}", "convert.keep_conv=true",
                                        "convert.continue_schedule=true"])
     run_pipeline(config, progress=False)
@@ -131,7 +132,8 @@ def test_continue_schedule_with_keep_conv_is_the_conv_models_run_bit_for_bit(tmp
 
 def test_continue_schedule_carries_the_optimizer_state_of_the_parameters_the_conversion_keeps(tmp_path):
     config = load_config(None, [o for o in TINY if not o.startswith("phase2.lr")] + [
-        f"output={tmp_path}", "phase1.epochs=1", "convert.continue_schedule=true", "convert.form=factorized"])
+        f"output={tmp_path}", "phase1.epochs=1", "convert.continue_schedule=true", "convert.form=factorized",
+        "train.max_steps_per_epoch=4"])
     carried = {}
     original = pipeline.transfer_optimizer_state
 

@@ -104,6 +104,8 @@ def test_continue_schedule_makes_phase_2_the_rest_of_phase_1s_run():
     assert (first.epochs, first.first_epoch, first.schedule_epochs) == (20, 0, 32)
     assert (second.epochs, second.first_epoch, second.schedule_epochs) == (12, 20, 32)
     assert (second.lr, second.warmup_epochs, second.eval_every) == (first.lr, 1, 2)  # phase 1's, but its own eval
+    scaled = c.set({"phase2.lr_scale": {"*.mixer.*": 0.5}})  # multipliers on the same schedule, for its own params
+    assert scaled.phase_config("phase2").lr_scale == {"*.mixer.*": 0.5} and scaled.phase_config("phase1").lr_scale == {}
     with pytest.raises(ValueError, match=r"phase2.lr=0.0005 \(phase 1: 0.002\)\. Unset those phase2 keys"):
         load_config(CONFIGS / "fmnist_tiny.yaml", ["convert.continue_schedule=true", "phase2.warmup_epochs=null"])
     with pytest.raises(ValueError, match="unknown config key 'phase2.first_epoch'"):  # set by the run config only

@@ -236,10 +236,11 @@ class RunConfig:
 
     def _continued_phase_config(self, phase: str, num_classes: int) -> TrainConfig:
         """``convert.continue_schedule``: both phases are parts of phase 1's run, whose schedule spans both; phase 2
-        may set only its length and how it logs, evaluates and keeps weights."""
+        may set only its length, per-parameter lr multipliers (its parameters differ) and how it logs, evaluates
+        and keeps weights."""
         first, own = self._layered("phase1"), _set_fields(self.phase2)
         differ = [f"phase2.{key}={value!r} (phase 1: {getattr(first, key)!r})" for key, value in own.items()
-                  if key not in ("epochs", *RESUME_FREE_KEYS) and value != getattr(first, key)]
+                  if key not in ("epochs", "lr_scale", *RESUME_FREE_KEYS) and value != getattr(first, key)]
         if differ:
             raise ValueError(f"convert.continue_schedule makes phase 2 the rest of phase 1's run, with phase 1's "
                              f"settings, but {', '.join(differ)}. Unset those phase2 keys, or drop "

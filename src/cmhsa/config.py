@@ -223,7 +223,8 @@ class RunConfig:
         return RunConfig.from_dict(tree)
 
     def phase_config(self, phase: str, num_classes: int = 10) -> TrainConfig:
-        """The engine's settings for ``phase`` ('phase1' or 'phase2'): ``train`` with the phase's set fields."""
+        """The engine's settings for ``phase`` ('phase1' or 'phase2'): ``train`` with the phase's set fields, or
+        under ``convert.continue_schedule`` the phase's part of phase 1's run."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if self.convert.continue_schedule:

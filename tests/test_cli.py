@@ -21,7 +21,7 @@ def number_after(label, text):
     return float(re.search(rf"{label}\s+([0-9.e+-]+)", text).group(1))
 
 
-@pytest.mark.parametrize("form", ["paper", "factorized"])
+@pytest.mark.parametrize("form", ["paper", "factorized", "tied"])
 def test_verify_prints_heads_bound_and_errors(capsys, form):
     code, out, _ = run(capsys, "verify", "--kernel-size", "3", "--patch-size", "4", "--in-chans", "2",
                        "--out-chans", "3", "--image-size", "16", "20", "--form", form)

@@ -73,7 +73,7 @@ def test_values_that_do_not_fit_their_type_name_the_key(override, message):
     ("convert.bias_strength=.nan", "convert.bias_strength must be a finite number"),
     ("convert.bias_strength=.inf", "convert.bias_strength must be a finite number"),
     ("convert.qk_std=-0.1", "convert.qk_std must be >= 0"),
-    ("convert.form=fancy", "convert.form must be one of 'paper', 'factorized', 'local', got 'fancy'"),
+    ("convert.form=fancy", "convert.form must be one of 'paper', 'factorized', 'local', 'tied', got 'fancy'"),
     ("convert.qk_dim=0", "convert.qk_dim must be >= 1"),
     ("data.augment=heavy", "data.augment must be one of 'none', 'light', 'deit'"),
     ("train.precision=half", "train.precision must be one of"),
@@ -129,7 +129,7 @@ def test_convert_section_reaches_convert_model():
                            "convert.null_key=false", "convert.kwargs={drop_path_rate: 0.1}"])
     attn = convert_model(create_model(model_spec(c), seed=0), **convert_settings(c))
     assert (attn.config["bias_strength"], attn.config["null_key"], attn.config["drop_path_rate"]) == (30, False, 0.1)
-    for form in ("factorized", "local"):
+    for form in ("factorized", "local", "tied"):
         attn = convert_model(create_model(model_spec(c), seed=0), **convert_settings(c.set({"convert.form": form})))
         assert attn.config["form"] == form
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from cmhsa import FactorizedRelPosMHSA, conv_to_mhsa, image_to_tokens, required_heads, verify
 from cmhsa.convert import conv_geometry
 
-FORMS = ["paper", "factorized"]
+FORMS = ["paper", "factorized", "tied"]
 
 
 @st.composite
@@ -174,10 +174,20 @@ def test_factorized_construction_writes_the_blocks_into_the_value_maps():
     torch.testing.assert_close(m.head_maps()[0], paper.head_maps()[0], rtol=0, atol=0)
     assert torch.equal(m.rel_pos_bias, paper.rel_pos_bias) and torch.equal(m.null_bias, paper.null_bias)
     assert torch.equal(m.bias, paper.proj.bias)
-    with pytest.raises(ValueError, match="form='factorized' only"):
+    with pytest.raises(ValueError, match="form='factorized' and 'tied' only"):
         conv_to_mhsa(conv, 4, (3, 3), qk_dim=6)
     with pytest.raises(ValueError, match="form must be one of"):
         conv_to_mhsa(conv, 4, (3, 3), form="fast")
+
+
+def test_tied_construction_keeps_the_kernel_and_writes_the_same_value_maps():
+    conv = nn.Conv2d(2, 3, 3, padding="same").double()
+    fact = conv_to_mhsa(conv, 4, (3, 3), bias_strength=50.0, form="factorized")
+    tied = conv_to_mhsa(conv, 4, (3, 3), bias_strength=50.0, form="tied")
+    assert torch.equal(tied.value.kernel, conv.weight) and torch.equal(tied.value.kernel_bias, conv.bias)
+    for a, b in zip(tied.head_maps(), fact.head_maps()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(tied.rel_pos_bias, fact.rel_pos_bias) and torch.all(tied.qk.weight == 0)
 
 
 def test_construction_weights_are_the_theorem():

@@ -8,6 +8,7 @@ from cmhsa.attention import FactorizedRelPosMHSA, RelPosMHSA
 from cmhsa.engine import cpu_bf16_support
 from cmhsa.local_attention import LocalRelPosMHSA
 from cmhsa.models import CMHSA, MODEL_CONFIGS, convert_model, transfer_error
+from cmhsa.tied import TiedRelPosMHSA
 
 
 def tiny(mixer="conv", **kw):
@@ -16,7 +17,7 @@ def tiny(mixer="conv", **kw):
     return CMHSA(**{**args, **kw})
 
 
-@pytest.mark.parametrize("form", ["paper", "factorized"])
+@pytest.mark.parametrize("form", ["paper", "factorized", "tied"])
 @pytest.mark.parametrize("embed,kernel", [("pixel", 3), ("identity", 5), ("pixel", 13)])
 def test_converted_model_has_the_same_logits_float64(embed, kernel, form):
     torch.manual_seed(0)
@@ -25,7 +26,8 @@ def test_converted_model_has_the_same_logits_float64(embed, kernel, form):
         p.data.add_(0.1 * torch.randn_like(p))
     attn = convert_model(conv, form=form, qk_std=0.01)
     assert attn.config["form"] == form
-    assert type(attn.blocks[0].mixer) is (FactorizedRelPosMHSA if form == "factorized" else RelPosMHSA)
+    assert type(attn.blocks[0].mixer) is {"paper": RelPosMHSA, "factorized": FactorizedRelPosMHSA,
+                                           "tied": TiedRelPosMHSA}[form]
     x = torch.randn(3, 1, 12, 12, dtype=torch.float64)
     report = transfer_error(conv, attn, x)
     assert report["logits_error"] <= 1e-8 and max(report["layer_errors"]) <= 1e-8
@@ -33,7 +35,7 @@ def test_converted_model_has_the_same_logits_float64(embed, kernel, form):
     torch.testing.assert_close(attn(x), conv(x), rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("form", ["paper", "factorized"])
+@pytest.mark.parametrize("form", ["paper", "factorized", "tied"])
 def test_converted_model_float32_tolerance(form):
     torch.manual_seed(1)
     conv = timm.create_model("cmhsa5_conv_tiny").eval()

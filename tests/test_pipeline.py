@@ -130,18 +130,20 @@ def test_continue_schedule_with_keep_conv_is_the_conv_models_run_bit_for_bit(tmp
     assert "Phase 2 continued phase 1's run" in (tmp_path / "two" / "summary.md").read_text()
 
 
-def test_continue_schedule_carries_the_optimizer_state_of_the_parameters_the_conversion_keeps(tmp_path):
+@pytest.mark.parametrize("form", ["factorized", "tied"])
+def test_continue_schedule_carries_the_optimizer_state_of_the_parameters_the_conversion_keeps(tmp_path, form):
     config = load_config(None, [o for o in TINY if not o.startswith("phase2.lr")] + [
-        f"output={tmp_path}", "phase1.epochs=1", "convert.continue_schedule=true", "convert.form=factorized",
+        f"output={tmp_path}", "phase1.epochs=1", "convert.continue_schedule=true", f"convert.form={form}",
         "train.max_steps_per_epoch=4"])
     carried = {}
     original = pipeline.transfer_optimizer_state
 
-    def spy(source, source_optimizer, target, target_optimizer):
-        names = original(source, source_optimizer, target, target_optimizer)
-        head = dict(target.named_parameters())["head.weight"]
+    def spy(source, source_optimizer, target, target_optimizer, source_name):
+        names = original(source, source_optimizer, target, target_optimizer, source_name)
+        target_params = dict(target.named_parameters())
         carried.update(source=dict(source.named_parameters()), optimizer=source_optimizer, names=names,
-                       target=dict(target.named_parameters()), head_state=copy.deepcopy(target_optimizer.state[head]))
+                       target=target_params, source_name=source_name,
+                       states={n: copy.deepcopy(target_optimizer.state[target_params[n]]) for n in names})
         return names
 
     pipeline.transfer_optimizer_state = spy
@@ -149,31 +151,35 @@ def test_continue_schedule_carries_the_optimizer_state_of_the_parameters_the_con
         run_pipeline(config, progress=False)
     finally:
         pipeline.transfer_optimizer_state = original
-    kept = {n for n, p in carried["target"].items()  # phase 1 keeps the per-pixel lift fixed: no state
-            if n in carried["source"] and carried["source"][n].shape == p.shape and carried["source"][n].requires_grad}
-    assert set(carried["names"]) == kept and "head.weight" in kept and len(kept) < len(carried["target"])
-    before = carried["optimizer"].state[carried["source"]["head.weight"]]
-    assert before["step"] > 0 and before.keys() == carried["head_state"].keys()
-    # phase 2 starts from phase 1's moments and their step count (AdamW's bias correction goes on from there)
-    assert all(torch.equal(before[k], carried["head_state"][k]) for k in before)
-    assert not any("mixer" in n for n in kept)  # the conv mixer became attention: its parameters start fresh
+    source = carried["source"]
+    outside = {n for n, p in carried["target"].items()  # phase 1 keeps the per-pixel lift fixed: no state
+               if n in source and source[n].shape == p.shape and source[n].requires_grad}
+    # the conv mixer became attention: only a tied mixer continues its conv's kernel and bias
+    mixer = {f"blocks.{i}.mixer.value.{p}" for i in range(2) for p in ("kernel", "kernel_bias")} if form == "tied" else set()
+    assert set(carried["names"]) == outside | mixer and "head.weight" in outside
+    assert len(carried["names"]) < len(carried["target"])  # Q/K and the position biases start fresh
+    for name in ("head.weight", *sorted(mixer)):
+        before = carried["optimizer"].state[source[carried["source_name"](name)]]
+        # phase 2 starts from phase 1's moments and their step count (AdamW's bias correction goes on from there)
+        assert before["step"] > 0 and before.keys() == carried["states"][name].keys()
+        assert all(torch.equal(before[k], carried["states"][name][k]) for k in before)
 
 
-@pytest.fixture(scope="module")
-def factorized_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["factorized", "tied"])
+def factorized_run(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("frun")
-    config = load_config(None, TINY + [f"output={out}", "name=ftiny", "phase1.epochs=1", "convert.form=factorized",
-                                       "convert.qk_dim=4", "convert.qk_std=0.02"])
+    config = load_config(None, TINY + [f"output={out}", "name=ftiny", "phase1.epochs=1",
+                                       f"convert.form={request.param}", "convert.qk_dim=4", "convert.qk_std=0.02"])
     return out, config, run_pipeline(config, progress=False)
 
 
 def test_factorized_pipeline_converts_exactly_and_evaluates_from_its_checkpoint(factorized_run, run, capsys):
     out, config, summary = factorized_run
     t = json.loads((out / "convert.json").read_text())
-    assert t["form"] == "factorized" and t["float64"]["logits_error"] <= 1e-8
+    assert t["form"] == config.convert.form and t["float64"]["logits_error"] <= 1e-8
     assert t["float32"]["logits_relative_error"] <= 1e-4
     model, spec, _ = load_model(out / "phase2")
-    assert spec["kwargs"]["form"] == "factorized" and model.blocks[0].mixer.qk_dim == 4
+    assert spec["kwargs"]["form"] == config.convert.form and model.blocks[0].mixer.qk_dim == 4
     assert summary["phase2"]["params"] < 0.6 * run[2]["phase2"]["params"]  # vs the paper form of the same model
     assert main(["eval", str(out / "phase2"), "--device", "cpu", "--precision", "fp32"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["phase2"]["val_top1"], abs=1e-6)

@@ -2,6 +2,7 @@
 from .tokens import image_to_tokens, tokens_to_image
 from .attention import FactorizedRelPosMHSA, RelPosMHSA
 from .local_attention import LocalRelPosMHSA
+from .tied import TiedRelPosMHSA
 from .anchor import PolyphaseAnchor
 from .convert import DEFAULT_BIAS_STRENGTH, conv_to_mhsa, required_heads
 from .exactness import VerifyReport, verify

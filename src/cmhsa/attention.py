@@ -278,7 +278,11 @@ class FactorizedRelPosMHSA(RelPosAttention):
     def head_maps(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         H, D, E = self.num_heads, self.dim, self.out_dim
         m = self.value.weight.reshape(H, E, D).transpose(1, 2)
-        return m, self.value_bias if self.value_bias is not None else m.new_zeros(H, E), self.bias
+        return m, self.value_bias if self.value_bias is not None else m.new_zeros(H, E), self.output_bias()
+
+    def output_bias(self) -> torch.Tensor:
+        """``b`` (out_dim,)"""
+        return self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, dim) -> (B, N, out_dim)"""
@@ -307,7 +311,7 @@ class FactorizedRelPosMHSA(RelPosAttention):
             if self.null_bias is not None:
                 v = F.pad(v, (0, 0, 0, 1))
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout).sum(1)
-        return self.proj_drop(x + self.bias.to(x.dtype))
+        return self.proj_drop(x + self.output_bias().to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, qk_dim={self.qk_dim}, "

@@ -47,10 +47,12 @@ def _add_form_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--form", choices=sorted(FORMS), default="paper",
                    help="attention form: 'paper' (full-width heads, W_V and W_O), 'factorized' (one value map "
-                        "M_h = W_V^h W_O^h per head, small Q/K heads; same function, less compute) or 'local' (the "
-                        "paper's heads over the kernel's window of offsets; runs at any image size) (default: paper)")
+                        "M_h = W_V^h W_O^h per head, small Q/K heads; same function, less compute), 'tied' (the "
+                        "factorized layer whose value maps stay the conv kernel's, so phase 2 trains the filters as "
+                        "a convolution and learns only where heads look) or 'local' (the paper's heads over the "
+                        "kernel's window of offsets; runs at any image size) (default: paper)")
     p.add_argument("--qk-dim", type=int, default=None,
-                   help="Q/K head size of the factorized form (default: token width // heads)")
+                   help="Q/K head size of the factorized and tied forms (default: token width // heads)")
 
 
 def _check_conv_args(args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ __all__ = ["DataConfig", "ModelConfig", "ConvertConfig", "TrainConfig", "PhaseCo
            "apply_overrides", "save_config", "CONVERT_FORMS", "PHASES", "RESUME_FREE_KEYS"]
 
 PHASES = ("phase1", "phase2")
-CONVERT_FORMS = ("paper", "factorized", "local")
+CONVERT_FORMS = ("paper", "factorized", "local", "tied")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Settings that may change between a run and its resume without changing what it computes.
 RESUME_FREE_KEYS = frozenset({"output", "device", "compile", "log_interval", "checkpoint_every", "eval_every"})

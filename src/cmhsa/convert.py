@@ -24,7 +24,7 @@ from .tokens import IntOrPair, image_to_tokens, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa",
-    "DEFAULT_BIAS_STRENGTH", "FORMS", "check_form", "wrap_offsets", "local_window",
+    "DEFAULT_BIAS_STRENGTH", "FORMS", "check_form", "wrap_offsets", "grid_blocks", "local_window",
 ]
 
 # exp(-60 / 2) ~ 1e-13: the float64 construction is exact to ~1e-11 on a 14x14 grid (docs/design.md §1.3)
@@ -194,6 +194,18 @@ def wrap_offsets(offsets: torch.Tensor, blocks: torch.Tensor,
     return offsets[first], summed
 
 
+def grid_blocks(weight: torch.Tensor, geometry: ConvGeometry, grid_size: Tuple[int, int],
+                groups: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The offsets and blocks of :func:`conv_blocks` that a ``grid_size`` grid needs, one head each: offsets that
+    reach no patch of the grid are dropped (they read only zero padding), and with circular padding offsets wrap
+    (:func:`wrap_offsets`). Head ``h`` of a converted global layer reads offset ``h``."""
+    offsets, blocks = conv_blocks(weight, geometry, groups)
+    if geometry.circular:
+        return wrap_offsets(offsets, blocks, grid_size)
+    inside = (offsets[:, 0].abs() < grid_size[0]) & (offsets[:, 1].abs() < grid_size[1])
+    return offsets[inside], blocks[inside]
+
+
 def local_window(offsets: torch.Tensor) -> Tuple[int, int]:
     """The smallest odd window, centred on the query, that holds every offset in ``offsets`` (n, 2)."""
     reach = offsets.abs().amax(dim=0) if len(offsets) else torch.zeros(2, dtype=torch.long)
@@ -220,12 +232,12 @@ def required_heads(kernel_size: IntOrPair, patch_size: IntOrPair, dilation: IntO
     return len(same_padding_geometry(kernel_size, patch_size, dilation, stride).offsets())
 
 
-def _empty_layer(cls, blocks: torch.Tensor, *args, **kwargs) -> nn.Module:
-    """``cls(*args, **kwargs)`` on ``blocks``' device and dtype, weights uninitialised: the builders set every one,
-    so skip the random init of the ~(4 * heads * dim^2) parameters."""
+def _empty_layer(cls, like: torch.Tensor, *args, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` on the device and dtype of ``like``, weights uninitialised: the builders set every
+    one, so skip the random init of the ~(4 * heads * dim^2) parameters."""
     with torch.device("meta"):
         layer = cls(*args, **kwargs)
-    layer = layer.to_empty(device=blocks.device).to(blocks.dtype)
+    layer = layer.to_empty(device=like.device).to(like.dtype)
     if isinstance(layer, RelPosAttention):
         layer.reset_rel_pos_index()
     return layer
@@ -233,8 +245,8 @@ def _empty_layer(cls, blocks: torch.Tensor, *args, **kwargs) -> nn.Module:
 
 def _no_qk_dim(qk_dim: Optional[int], form: str) -> None:
     if qk_dim is not None:
-        raise ValueError(f"qk_dim={qk_dim} applies to form='factorized' only: the {form} form has one head size, "
-                         f"the token width; leave qk_dim unset (None) for form={form!r}")
+        raise ValueError(f"qk_dim={qk_dim} applies to form='factorized' and 'tied' only: the {form} form has one "
+                         f"head size, the token width; leave qk_dim unset (None) for form={form!r}")
 
 
 def _set_paper_weights(mhsa: nn.Module, blocks: torch.Tensor, out_bias: torch.Tensor, qk_std: float) -> nn.Module:
@@ -283,10 +295,7 @@ def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, 
     used, dim, out_dim = blocks.shape
     mhsa = _empty_layer(FactorizedRelPosMHSA, blocks, dim, heads, grid, out_dim=out_dim, qk_dim=qk_dim,
                         null_key=null_key, circular=circular)
-    mhsa.qk.weight.zero_()
-    mhsa.qk.bias.zero_()
-    if qk_std > 0:
-        mhsa.qk.weight.normal_(0.0, qk_std)
+    _init_queries_keys(mhsa, qk_std)
     m = blocks.new_zeros(heads, dim, out_dim)
     m[:used] = blocks
     mhsa.value.weight.copy_(m.transpose(1, 2).reshape(heads * out_dim, dim))
@@ -295,16 +304,38 @@ def _factorized_layer(blocks: torch.Tensor, out_bias: torch.Tensor, heads: int, 
     return mhsa
 
 
+def _init_queries_keys(mhsa: FactorizedRelPosMHSA, qk_std: float) -> None:
+    """``W_Q = W_K = 0``, or ``N(0, qk_std^2)`` (see :func:`conv_to_mhsa`), and zero Q/K biases."""
+    mhsa.qk.weight.zero_()
+    mhsa.qk.bias.zero_()
+    if qk_std > 0:
+        mhsa.qk.weight.normal_(0.0, qk_std)
+
+
+def _tied_layer(conv: nn.Conv2d, geometry: ConvGeometry, heads: int, grid: Tuple[int, int], null_key: bool,
+                qk_dim: Optional[int], qk_std: float) -> nn.Module:
+    """The tied layer: the factorized layer whose value maps are rebuilt from ``conv``'s kernel at every call."""
+    from .tied import TiedRelPosMHSA  # imported here: the tied layer builds its blocks with this module
+    mhsa = _empty_layer(TiedRelPosMHSA, conv.weight, conv.in_channels, conv.out_channels, geometry, grid, heads,
+                        groups=conv.groups, qk_dim=qk_dim, null_key=null_key)
+    _init_queries_keys(mhsa, qk_std)
+    mhsa.value.kernel.copy_(conv.weight)
+    mhsa.value.kernel_bias.copy_(conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels))
+    return mhsa
+
+
 # form -> builder(blocks (used, D, D_out), output bias (D_out,), heads, grid, offsets (used, 2), null_key, circular,
 # qk_dim, qk_std): a layer whose value path computes the blocks; conv_to_mhsa then sets the position biases, the same
-# in every form
+# in every form. The tied form keeps the kernel and its bias instead of the blocks, so its builder takes (conv,
+# geometry, heads, grid, null_key, qk_dim, qk_std).
 FORMS: Dict[str, Callable[..., nn.Module]] = {"paper": _paper_layer, "factorized": _factorized_layer,
-                                              "local": _local_layer}
+                                              "local": _local_layer, "tied": _tied_layer}
 
 
 def check_form(form: str) -> None:
     if form not in FORMS:
-        raise ValueError(f"form must be one of {sorted(FORMS)} (global: 'paper', 'factorized'; windowed: 'local'), "
+        raise ValueError(f"form must be one of {sorted(FORMS)} (global: 'paper', 'factorized', 'tied'; windowed: "
+                         f"'local'), "
                          f"got {form!r}")
 
 
@@ -346,13 +377,9 @@ def conv_to_mhsa(
     check_real(qk_std, "qk_std", minimum=0)
     if num_heads is not None:
         check_int(num_heads, "num_heads")
-    offsets, blocks = conv_blocks(conv.weight.detach(), geometry, conv.groups)
     # the local form keeps a head for every offset the kernel reaches: the grid, any size, decides at run time
-    if form != "local" and geometry.circular:
-        offsets, blocks = wrap_offsets(offsets, blocks, (gh, gw))
-    elif form != "local":
-        inside = (offsets[:, 0].abs() < gh) & (offsets[:, 1].abs() < gw)
-        offsets, blocks = offsets[inside], blocks[inside]
+    offsets, blocks = (conv_blocks(conv.weight.detach(), geometry, conv.groups) if form == "local" else
+                       grid_blocks(conv.weight.detach(), geometry, (gh, gw), conv.groups))
     used = len(offsets)
     # a kernel that reads no patch inside the grid (tiny grid, large dilation) outputs its bias: one inert head
     heads = num_heads if num_heads is not None else max(used, 1)
@@ -364,7 +391,11 @@ def conv_to_mhsa(
     q_pixels = geometry.out_patch_size[0] * geometry.out_patch_size[1]
     out_bias = conv.bias.detach().repeat(q_pixels) if conv.bias is not None else blocks.new_zeros(blocks.shape[2])
     with torch.no_grad():
-        mhsa = FORMS[form](blocks, out_bias, heads, (gh, gw), offsets, null_key, geometry.circular, qk_dim, qk_std)
+        if form == "tied":  # the one form that keeps the kernel, not its blocks
+            mhsa = FORMS[form](conv, geometry, heads, (gh, gw), null_key, qk_dim, qk_std)
+        else:
+            mhsa = FORMS[form](blocks, out_bias, heads, (gh, gw), offsets, null_key, geometry.circular, qk_dim,
+                               qk_std)
         # head h: logit beta on its offset, 0 elsewhere; the null key at beta/2 wins only where the offset is missing
         mhsa.rel_pos_bias.zero_()
         mhsa.rel_pos_bias[torch.arange(used), mhsa.offset_index(offsets)] = bias_strength

@@ -565,14 +565,16 @@ def create_train_state(model: nn.Module, cfg: TrainConfig, device: torch.device,
 
 
 def transfer_optimizer_state(source: nn.Module, source_optimizer: torch.optim.Optimizer, target: nn.Module,
-                             target_optimizer: torch.optim.Optimizer) -> List[str]:
+                             target_optimizer: torch.optim.Optimizer,
+                             source_name: Callable[[str], str] = lambda name: name) -> List[str]:
     """Give each parameter of ``target`` the optimizer state (e.g. AdamW's moments and step count) of the
-    ``source`` parameter with its name and shape; returns the names carried over. The others start fresh."""
+    ``source`` parameter named ``source_name(its name)``, if the shapes agree; returns the names carried over. The
+    others start fresh."""
     source_state = {name: source_optimizer.state[p] for name, p in unwrap_model(source).named_parameters()
                     if p in source_optimizer.state}
     carried = []
     for name, param in unwrap_model(target).named_parameters():
-        state = source_state.get(name)
+        state = source_state.get(source_name(name))
         if state is None or any(torch.is_tensor(v) and v.ndim and v.shape != param.shape for v in state.values()):
             continue
         target_optimizer.state[param] = {k: v.detach().clone().to(param.device) if torch.is_tensor(v) else v

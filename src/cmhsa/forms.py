@@ -10,6 +10,9 @@ with a null key the rows of ``A_h`` over the real keys sum to ``1 - null mass``,
 - factorized -> paper is exact with ``head_dim >= max(out_dim, qk_dim)``: ``W_V^h = [M_h, 0]``, ``b_V^h = [c_h, 0]``,
   ``W_O^h = [I; 0]``. With fewer columns a head cannot hold a general ``M_h`` (rank up to ``out_dim``) and its bias,
   so that case raises.
+- a tied layer (:mod:`cmhsa.tied`, value maps built from one conv kernel) converts to either form, exactly: its
+  value maps become free matrices (untied). Nothing converts to the tied form, whose value maps must be a kernel's
+  blocks: build it from the convolution (``conv_to_mhsa`` / ``convert_model`` with ``form='tied'``).
 """
 from __future__ import annotations
 
@@ -62,16 +65,17 @@ def _empty_like_layer(cls, layer: RelPosAttention, **kwargs) -> RelPosAttention:
     return new
 
 
-def _to_factorized(layer: RelPosMHSA, qk_dim: Optional[int]) -> FactorizedRelPosMHSA:
-    d = layer.head_dim
+def _to_factorized(layer: RelPosAttention, qk_dim: Optional[int]) -> FactorizedRelPosMHSA:
+    """From the paper's layer, or from a tied one (its value maps untied)."""
+    d = layer.qk_dim
     qk_dim = qk_dim or d
     if qk_dim < d:
-        raise ValueError(f"qk_dim={qk_dim} is smaller than the paper layer's head_dim={d}: its queries and keys do "
+        raise ValueError(f"qk_dim={qk_dim} is smaller than the layer's Q/K head size {d}: its queries and keys do "
                          f"not fit, so the conversion would not be exact; use qk_dim >= {d} (or None)")
-    has_bias = layer.qkv.bias is not None
+    w_q, w_k, b_q, b_k = _queries_keys(layer)
+    has_bias = b_q is not None
     new = _empty_like_layer(FactorizedRelPosMHSA, layer, qk_dim=qk_dim, qkv_bias=has_bias)
     H = layer.num_heads
-    w_q, w_k, b_q, b_k = _queries_keys(layer)
     scale = math.sqrt(qk_dim / d)  # q.k / sqrt(qk_dim) must equal the old q.k / sqrt(d)
     new.qk.weight.copy_(torch.cat([_pad_heads(w_q, H, qk_dim, scale), _pad_heads(w_k, H, qk_dim)]))
     m, c, b = layer.head_maps()
@@ -120,8 +124,8 @@ def _convert_layer(layer: RelPosAttention, form: str, qk_dim: Optional[int], hea
 @torch.no_grad()
 def convert_form(module: Union[RelPosAttention, CMHSA], form: str, qk_dim: Optional[int] = None,
                  head_dim: Optional[int] = None) -> Union[RelPosAttention, CMHSA]:
-    """A copy of an attention layer or CMHSA attention model in ``form`` (``'paper'`` or ``'factorized'``),
-    computing the same function (to float rounding).
+    """A copy of an attention layer or CMHSA attention model (paper, factorized or tied form) in ``form``
+    (``'paper'`` or ``'factorized'``), computing the same function (to float rounding).
 
     Both forms keep the layer's grid, ``circular`` offsets and null key. ``qk_dim`` (to factorized, default the paper
     layer's ``head_dim``) and ``head_dim`` (to paper, default
@@ -129,8 +133,8 @@ def convert_form(module: Union[RelPosAttention, CMHSA], form: str, qk_dim: Optio
     keeps every weight outside its mixers; its config records the new form, so checkpoints rebuild it.
     """
     if form not in GLOBAL_FORMS:
-        raise ValueError(f"form must be one of {list(GLOBAL_FORMS)}, got {form!r}; the local form is built from a "
-                         f"convolution: cmhsa.conv_to_mhsa / cmhsa.convert_model(..., form='local')")
+        raise ValueError(f"form must be one of {list(GLOBAL_FORMS)}, got {form!r}; the {form} form is built from a "
+                         f"convolution: cmhsa.conv_to_mhsa / cmhsa.convert_model(..., form={form!r})")
     if isinstance(module, RelPosAttention):
         return _convert_layer(module, form, qk_dim, head_dim)
     if not isinstance(module, CMHSA) or module.config["mixer"] != "attn" or module.config.get("form") == "local":

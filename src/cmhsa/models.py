@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -23,10 +24,14 @@ from .anchor import PolyphaseAnchor
 from .attention import FactorizedRelPosMHSA, RelPosMHSA
 from .convert import DEFAULT_BIAS_STRENGTH, FORMS, conv_to_mhsa, local_window, required_heads, same_padding_geometry
 from .local_attention import LocalRelPosMHSA
+from .tied import TiedRelPosMHSA
 from .tokens import image_to_tokens, to_pair, tokens_to_image
 
 __all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "with_img_size",
-           "FORM_TAGS", "MODEL_CONFIGS"]
+           "continued_parameter", "FORM_TAGS", "MODEL_CONFIGS", "SEPARATE_QK_FORMS"]
+
+# the attention forms whose queries and keys have their own head size, qk_dim (the others use head_dim)
+SEPARATE_QK_FORMS = ("factorized", "tied")
 
 
 class PatchEmbed(nn.Module):
@@ -113,8 +118,10 @@ class CMHSA(nn.Module):
     construction needs for ``kernel_size`` (9 when ``kernel_size <= 2*patch_size + 1``). The attention phase's
     ``form`` is ``'paper'`` (global :class:`RelPosMHSA`, head size ``head_dim``, default the token width ``D`` as in
     the paper), ``'factorized'`` (global :class:`FactorizedRelPosMHSA`, one value map per head, Q/K head size
-    ``qk_dim``) or ``'local'`` (:class:`LocalRelPosMHSA` with the paper's heads over the window of patch offsets the
-    ``kernel_size`` conv reaches: no parameter depends on the grid, see :func:`with_img_size`).
+    ``qk_dim``), ``'tied'`` (global :class:`~cmhsa.tied.TiedRelPosMHSA`: the factorized layer whose value maps are
+    one ``kernel_size`` conv kernel's blocks, so training keeps the filters a convolution) or ``'local'``
+    (:class:`LocalRelPosMHSA` with the paper's heads over the window of patch offsets the ``kernel_size`` conv
+    reaches: no parameter depends on the grid, see :func:`with_img_size`).
     ``padding_mode='circular'`` pads the conv mixers circularly and makes the attention's relative offsets wrap
     around the grid (what the conversion of a circular conv gives), in every form; ``anchor='aps'`` anchors the
     patch grid adaptively (:class:`PatchEmbed`). ``attn_init='conv_pattern'`` starts an attention model's position
@@ -161,10 +168,11 @@ class CMHSA(nn.Module):
             raise ValueError(f"mixer must be 'conv' (phase 1) or 'attn' (phase 2), got {mixer!r}")
         if form not in FORMS:
             raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
-        if form != "factorized" and qk_dim is not None:
-            raise ValueError(f"qk_dim={qk_dim} applies to form='factorized'; the {form} form's Q/K size is head_dim")
-        if form == "factorized" and head_dim is not None:
-            raise ValueError(f"head_dim={head_dim} applies to form='paper' and 'local'; the factorized form's Q/K "
+        if form not in SEPARATE_QK_FORMS and qk_dim is not None:
+            raise ValueError(f"qk_dim={qk_dim} applies to forms {list(SEPARATE_QK_FORMS)}; the {form} form's Q/K "
+                             f"size is head_dim")
+        if form in SEPARATE_QK_FORMS and head_dim is not None:
+            raise ValueError(f"head_dim={head_dim} applies to form='paper' and 'local'; the {form} form's Q/K "
                              f"size is qk_dim")
         if padding_mode not in ("zeros", "circular"):
             raise ValueError(f"padding_mode must be 'zeros' or 'circular' (the padding the conv mixers use and the "
@@ -194,6 +202,11 @@ class CMHSA(nn.Module):
             if mixer == "conv":
                 return ConvMixer(self.patch_embed.pixel_dim, kernel_size, patch, grid, padding_mode)
             circular = padding_mode == "circular"
+            if form == "tied":
+                geometry = replace(same_padding_geometry(kernel_size, patch), circular=circular)
+                return TiedRelPosMHSA(self.patch_embed.pixel_dim, self.patch_embed.pixel_dim, geometry, grid,
+                                      self.num_heads, qk_dim=qk_dim, null_key=null_key, attn_drop=attn_drop_rate,
+                                      proj_drop=proj_drop_rate)
             if form == "factorized":
                 return FactorizedRelPosMHSA(dim, self.num_heads, grid, qk_dim=qk_dim, null_key=null_key,
                                             circular=circular, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate)
@@ -267,7 +280,8 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     """Phase 1 -> phase 2: a CMHSA attention model computing what ``conv_model`` computes.
 
     Every weight outside the token mixers is copied; each conv mixer becomes an attention layer of ``form``
-    (``'paper'``, ``'factorized'`` with Q/K head size ``qk_dim``, or ``'local'``) by :func:`conv_to_mhsa`. The
+    (``'paper'``, ``'factorized'`` or ``'tied'`` with Q/K head size ``qk_dim``, or ``'local'``) by
+    :func:`conv_to_mhsa`. The
     model's ``anchor`` and ``padding_mode`` carry over (a circular conv becomes circular attention), so they cannot be
     overridden. ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch
     projection is trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than
@@ -282,7 +296,7 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
         raise ValueError(f"cannot change {sorted(forbidden)} when converting: they fix the function being copied")
     config = dict(conv_model.config, mixer="attn", bias_strength=bias_strength, null_key=null_key,
                   fix_embed=fix_embed, form=form, qk_dim=qk_dim, **overrides)
-    if form == "factorized":
+    if form in SEPARATE_QK_FORMS:
         config["head_dim"] = None
     with torch.device("meta"):
         attn_model = CMHSA(**config)
@@ -300,6 +314,20 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
     attn_model.patch_embed.proj.requires_grad_(not fix_embed)
     attn_model.train(conv_model.training)
     return attn_model
+
+
+# a tied mixer's parameters that are its conv's, under a new name (every other kept parameter keeps its name)
+_TIED_FROM_CONV = {".mixer.value.kernel": ".mixer.conv.weight", ".mixer.value.kernel_bias": ".mixer.conv.bias"}
+
+
+def continued_parameter(name: str) -> str:
+    """The name, in the convolution model, of the parameter that parameter ``name`` of its converted model
+    continues: the same name outside the mixers, and the conv's weight and bias for a tied mixer's kernel and bias.
+    (Other mixer parameters continue nothing: the names do not match.)"""
+    for new, old in _TIED_FROM_CONV.items():
+        if name.endswith(new):
+            return name[:-len(new)] + old
+    return name
 
 
 @torch.no_grad()

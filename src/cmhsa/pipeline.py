@@ -22,7 +22,7 @@ from .checkpoint import load_weights, read_optimizer_state
 from .config import RunConfig, TrainConfig
 from .engine import (TrainState, all_ranks_agree, build_optimizer, evaluate, fit, init_distributed, is_main_process,
                      resolve_device, resolve_precision, seed_everything, transfer_optimizer_state)
-from .models import CMHSA, convert_model, transfer_error
+from .models import CMHSA, continued_parameter, convert_model, transfer_error
 from .plots import plot_curves
 from .provenance import git_state
 from .rundir import PhaseDir, RunDir
@@ -171,12 +171,12 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase
 
 
 def _carry_optimizer_state(conv_model: nn.Module, cfg1: TrainConfig, phase1: PhaseDir) -> Callable[[TrainState], None]:
-    """Phase 2's ``on_start`` under ``convert.continue_schedule``: every parameter the conversion kept (its name and
-    shape) starts phase 2 with the optimizer state it ended phase 1 with."""
+    """Phase 2's ``on_start`` under ``convert.continue_schedule``: every parameter the conversion kept (outside the
+    mixers; a tied mixer's kernel and bias) starts phase 2 with the optimizer state it ended phase 1 with."""
     def carry(state: TrainState) -> None:
         optimizer1 = build_optimizer(conv_model, cfg1)
         optimizer1.load_state_dict(read_optimizer_state(phase1.last))
-        transfer_optimizer_state(conv_model, optimizer1, state.model, state.optimizer)
+        transfer_optimizer_state(conv_model, optimizer1, state.model, state.optimizer, continued_parameter)
     return carry
 
 

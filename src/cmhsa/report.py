@@ -142,6 +142,7 @@ def _se_text(values: List[float]) -> str:
 # two-phase recipes and their controls (convert.keep_conv: the same schedules on the conv model, no attention)
 OURS, OURS_NO_RESTART = "Two-phase, our recipe", "Two-phase, our recipe, no restart"
 OURS_CONTINUED = "Two-phase, our recipe, converted mid-run"  # its keep-conv control is the conv row, bit for bit
+TIED_CONTINUED = "Two-phase, tied values, converted mid-run"  # the same run, value maps kept the conv kernel's
 CONTROLS = {OURS: "Two-phase control, phase 2 keeps the conv",
             OURS_NO_RESTART: "Two-phase control, no restart, phase 2 keeps the conv"}
 
@@ -170,6 +171,10 @@ CONVERGED_CLAIMS = [
      "Our recipe converted mid-run beats the conv phase alone by 2 points (equal steps)", "target", 2.0),
     (OURS_CONTINUED, "Conv phase only", None, "The second phase adds to the first, schedule held fixed (one run "
      "converted at its midpoint; its keep-conv control is the conv row, bit for bit)", "paper", 0.0),
+    (TIED_CONTINUED, "Conv phase only", None, "Attention routing alone adds to the conv phase (mid-run, value maps "
+     "tied to the conv kernel)", "target", 0.0),
+    (TIED_CONTINUED, OURS_CONTINUED, None, "Keeping the value maps tied to the kernel improves the mid-run recipe",
+     "target", 0.0),
     (OURS, "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
     (OURS, "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),
@@ -401,7 +406,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
     ])
 
 
-GEOMETRY_ARMS = (OURS, OURS_CONTINUED, "Two-phase, paper recipe")
+GEOMETRY_ARMS = (OURS, OURS_CONTINUED, TIED_CONTINUED, "Two-phase, paper recipe")
 
 
 def _grid_label(cell: dict) -> str:

@@ -4,7 +4,8 @@ The convolution maps the patches around query patch ``q`` to its output patch as
 one ``(P*P*C_in, Q*Q*C_out)`` block ``T_d`` per patch offset ``d`` (``Q = P / stride``). The MHSA gives each
 needed offset a head that attends only to ``q + d`` (relative bias ``beta`` there, ``W_Q = W_K = 0``), and makes
 the head's value map ``T_d``: in the paper's form it copies the patch (``W_V = I``) and applies ``T_d`` in its slice
-of ``W_O``; in the factorized form ``M_h = T_d`` directly; the local form is the paper's, restricted to the window
+of ``W_O``; in the factorized form ``M_h = T_d`` directly; the tied form keeps the kernel and rebuilds
+``M_h = T_d`` from it at every call (:mod:`cmhsa.tied`); the local form is the paper's, restricted to the window
 of offsets the kernel reaches. A null key (docs/design.md §1.3) makes border patches whose neighbour is missing read zeros, which is
 exactly zero padding. Circular padding needs no null key: offsets are taken modulo the grid, so every offset has a
 key (:func:`wrap_offsets`).
@@ -335,8 +336,7 @@ FORMS: Dict[str, Callable[..., nn.Module]] = {"paper": _paper_layer, "factorized
 def check_form(form: str) -> None:
     if form not in FORMS:
         raise ValueError(f"form must be one of {sorted(FORMS)} (global: 'paper', 'factorized', 'tied'; windowed: "
-                         f"'local'), "
-                         f"got {form!r}")
+                         f"'local'), got {form!r}")
 
 
 def conv_to_mhsa(
@@ -360,7 +360,9 @@ def conv_to_mhsa(
 
     ``form='paper'`` builds the paper's global :class:`RelPosMHSA` (head size = token width, ``W_V = I``);
     ``form='factorized'`` a :class:`FactorizedRelPosMHSA` with ``M_h = T_d`` and Q/K head size ``qk_dim``
-    (default :func:`~cmhsa.attention.default_qk_dim`); ``form='local'`` a :class:`LocalRelPosMHSA` whose window holds
+    (default :func:`~cmhsa.attention.default_qk_dim`); ``form='tied'`` a :class:`~cmhsa.tied.TiedRelPosMHSA`, the
+    factorized layer holding ``conv``'s kernel and bias instead of the blocks (training keeps the filters a
+    convolution's); ``form='local'`` a :class:`LocalRelPosMHSA` whose window holds
     exactly the offsets the kernel reaches (one head each, on any grid: missing neighbours go to the null key, or
     wrap for circular padding), so the same layer computes the convolution at every image size. All are exact to the
     same ~exp(-beta/2), with zero or circular padding.

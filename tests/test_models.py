@@ -120,10 +120,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="form must be one of"):
         tiny(mixer="attn", form="fast")
     for form in ("paper", "local"):
-        with pytest.raises(ValueError, match="applies to form='factorized'"):
+        with pytest.raises(ValueError, match="applies to form 'factorized' and 'tied' only"):
             tiny(mixer="attn", form=form, qk_dim=8)
-    with pytest.raises(ValueError, match="applies to form='paper'"):
-        tiny(mixer="attn", form="factorized", head_dim=8)
+    for form in ("factorized", "tied"):
+        with pytest.raises(ValueError, match="applies to form='paper'"):
+            tiny(mixer="attn", form=form, head_dim=8)
     with pytest.raises(ValueError, match="pixel_dim"):
         tiny(pixel_dim=None)
     with pytest.raises(ValueError, match="not divisible"):

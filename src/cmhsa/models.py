@@ -169,8 +169,8 @@ class CMHSA(nn.Module):
         if form not in FORMS:
             raise ValueError(f"form must be one of {sorted(FORMS)}, got {form!r}")
         if form not in SEPARATE_QK_FORMS and qk_dim is not None:
-            raise ValueError(f"qk_dim={qk_dim} applies to forms {list(SEPARATE_QK_FORMS)}; the {form} form's Q/K "
-                             f"size is head_dim")
+            raise ValueError(f"qk_dim={qk_dim} applies to form {' and '.join(map(repr, SEPARATE_QK_FORMS))} "
+                             f"only; the {form} form's Q/K size is head_dim")
         if form in SEPARATE_QK_FORMS and head_dim is not None:
             raise ValueError(f"head_dim={head_dim} applies to form='paper' and 'local'; the {form} form's Q/K "
                              f"size is qk_dim")

@@ -281,9 +281,8 @@ def convert_model(conv_model: CMHSA, bias_strength: float = DEFAULT_BIAS_STRENGT
 
     Every weight outside the token mixers is copied; each conv mixer becomes an attention layer of ``form``
     (``'paper'``, ``'factorized'`` or ``'tied'`` with Q/K head size ``qk_dim``, or ``'local'``) by
-    :func:`conv_to_mhsa`. The
-    model's ``anchor`` and ``padding_mode`` carry over (a circular conv becomes circular attention), so they cannot be
-    overridden. ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch
+    :func:`conv_to_mhsa`. The model's ``anchor`` and ``padding_mode`` carry over (a circular conv becomes circular
+    attention), so they cannot be overridden. ``overrides`` change training-only settings of the new model (e.g. ``drop_path_rate``); the patch
     projection is trainable in phase 2 unless ``fix_embed``. ``qk_std`` starts W_Q, W_K small and random rather than
     at the stationary point 0 (see :func:`conv_to_mhsa`).
     """

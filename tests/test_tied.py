@@ -70,11 +70,20 @@ def test_tied_unties_exactly_and_nothing_ties(form, cls):
         convert_form(untied, "tied")
 
 
-def test_tied_model_from_scratch_and_its_errors():
+def test_tied_model_from_scratch_and_its_errors(monkeypatch):
     torch.manual_seed(0)
+    built, linear_init = [], nn.Linear.__init__
+
+    def spy(self, in_features, out_features, *args, **kwargs):
+        built.append(out_features)
+        linear_init(self, in_features, out_features, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Linear, "__init__", spy)
     model = CMHSA(img_size=12, patch_size=4, in_chans=1, num_classes=5, embed="pixel", pixel_dim=2, depth=2,
                   mixer="attn", form="tied", kernel_size=5, qk_dim=3, mlp_ratio=2.0)
     assert model.blocks[0].mixer.qk_dim == 3 and model.blocks[0].mixer.value_bias is None
+    # the tied layer never builds the free value map it replaces (9 heads x 32 wide here, far more at paper size)
+    assert 9 * 32 not in built and 2 * 9 * 3 in built
     assert model(torch.randn(2, 1, 12, 12)).shape == (2, 5)
     with pytest.raises(ValueError, match="head_dim=8 applies to form='paper' and 'local'"):
         CMHSA(img_size=12, patch_size=4, in_chans=1, embed="pixel", pixel_dim=2, mixer="attn", form="tied",

@@ -224,7 +224,8 @@ class FactorizedRelPosMHSA(RelPosAttention):
 
     ``out = sum_h A_h (X M_h + c_h) + b`` with ``A_h`` the attention of :class:`RelPosMHSA` (relative position bias,
     ``circular`` offsets, optional null key whose value is 0), queries and keys of head size ``qk_dim``. ``value``
-    computes ``[X M_1, .., X M_H]`` in one GEMM (``dim -> num_heads * out_dim``); one batched product
+    computes ``[X M_1, .., X M_H]`` in one GEMM (``dim -> num_heads * out_dim``; a free ``nn.Linear`` unless a module
+    with the same ``weight`` layout is passed, as the tied form does); one batched product
     ``(B, N, N*H) @ (B, N*H, out_dim)`` then mixes and sums the heads. The value bias ``c_h`` (``value_bias``) adds
     ``sum_h m_h(q) c_h``, with ``m_h(q)`` the weight of query ``q`` on the real keys (below 1 with a null key). The
     paper's per-head ``head_dim``-wide values and the ``W_O`` GEMM are gone: per token the mixer costs
@@ -248,6 +249,7 @@ class FactorizedRelPosMHSA(RelPosAttention):
             qkv_bias: bool = True,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
+            value: Optional[nn.Module] = None,
     ):
         super().__init__()
         check_layer_args(dim, num_heads, out_dim, qkv_bias, attn_drop, proj_drop)
@@ -259,7 +261,8 @@ class FactorizedRelPosMHSA(RelPosAttention):
         self.scale = qk_dim ** -0.5
 
         self.qk = nn.Linear(dim, 2 * num_heads * qk_dim, bias=qkv_bias)
-        self.value = nn.Linear(dim, num_heads * self.out_dim, bias=False)  # [X M_1 .. X M_H]
+        # [X M_1 .. X M_H]; a subclass may pass a module that builds the M_h from fewer parameters
+        self.value = nn.Linear(dim, num_heads * self.out_dim, bias=False) if value is None else value
         # c_h, applied as (weight on real keys) x c_h: cheaper than a (B*N, H*out_dim) bias and its gradient
         self.value_bias = nn.Parameter(torch.zeros(num_heads, self.out_dim)) if qkv_bias else None
         self.bias = nn.Parameter(torch.zeros(self.out_dim))

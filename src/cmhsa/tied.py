@@ -98,10 +98,11 @@ class TiedRelPosMHSA(FactorizedRelPosMHSA):
             proj_drop: float = 0.0,
     ):
         (ph, pw), (qh, qw) = geometry.patch_size, geometry.out_patch_size
-        super().__init__(ph * pw * check_int(in_chans, "in_chans"), num_heads, grid_size,
-                         out_dim=qh * qw * check_int(out_chans, "out_chans"), qk_dim=qk_dim, null_key=null_key,
-                         circular=geometry.circular, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.value = ConvTiedValues(in_chans, out_chans, geometry, self.grid_size, num_heads, groups)
+        value = ConvTiedValues(check_int(in_chans, "in_chans"), check_int(out_chans, "out_chans"), geometry,
+                               grid_size, num_heads, groups)
+        super().__init__(ph * pw * in_chans, num_heads, grid_size, out_dim=qh * qw * out_chans, qk_dim=qk_dim,
+                         null_key=null_key, circular=geometry.circular, attn_drop=attn_drop, proj_drop=proj_drop,
+                         value=value)
         self.value_bias = None
         self.bias = None
 

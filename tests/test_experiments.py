@@ -10,6 +10,7 @@ from cmhsa.cli import main
 from cmhsa.experiments import cell_configs, grid_status, load_experiment, read_cells, run_experiment
 from cmhsa.pipeline import create_model, model_spec
 from cmhsa.report import _short_title, write_report
+from cmhsa.rundir import RunDir
 
 GRIDS = Path(__file__).resolve().parent.parent / "configs" / "experiments"
 TINY_MODEL = "{patch_size: 2, pixel_dim: 8, depth: 1, mlp_ratio: 1.0}"
@@ -99,6 +100,25 @@ def test_runner_writes_cells_skips_finished_and_reports(tmp_path):
     run_experiment(spec, results_root=results, runs_root=runs, progress=False, seeds=[0])
     changed = [p.name for p in (out / "cells").glob("*.json") if p.stat().st_mtime_ns != stamps[p]]
     assert changed == ["conv__seed0.json"]
+
+
+def test_processes_side_by_side_share_a_grid(tmp_path, capsys):
+    """A cell another process is running (its run directory locked) is skipped, not trained twice or cleared;
+    the next run of the grid picks it up."""
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    spec = load_experiment(make_grid(tmp_path))
+    busy = next(e for e in cell_configs(spec, "full", [0, 1], runs) if (e["cell"], e["seed"]) == ("two_phase", 0))
+    other = RunDir(busy["config"].run_dir())
+    other.lock()  # a second open file description: flock treats it as another process's lock
+    try:
+        out = run_experiment(spec, results_root=results, runs_root=runs, only=["two_phase"])
+    finally:
+        other.unlock()
+    assert "(cell two_phase, seed 0): another process is running it, skipped" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == ["two_phase__seed1.json"]
+    assert not other.phase("phase1").metrics_path.exists()  # nothing written into the busy run
+    run_experiment(spec, results_root=results, runs_root=runs, only=["two_phase"], progress=False)
+    assert sorted(p.name for p in (out / "cells").glob("*.json")) == ["two_phase__seed0.json", "two_phase__seed1.json"]
 
 
 def test_identical_run_in_another_grid_is_reused(tmp_path):

@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="run a grid of resumable runs (configs/experiments/: converged, ...)",
                        description="Run every unfinished cell of an experiment grid; finished cells are skipped, "
                                    "interrupted ones resume. Results (JSON per cell) go to results/<name>/, "
-                                   "checkpoints to runs/experiments/ (not committed).")
+                                   "checkpoints to runs/experiments/ (not committed). Several processes may run "
+                                   "one grid side by side (e.g. OMP_NUM_THREADS=1 in each, one per core): each "
+                                   "skips the cells another is running.")
     p.add_argument("name", help="experiment name, e.g. table1")
     p.add_argument("--config", type=Path, default=None, help="default: configs/experiments/<name>.yaml")
     p.add_argument("--budget", choices=["quick", "full"], default="full",

@@ -17,6 +17,9 @@ small subset trains for as many updates as a large one. A grid with ``sizes: {n:
 cell that has no ``train_size`` of its own at each subset size ``n`` (named ``<cell>_n<n>``), with that batch size;
 a cell's own ``sizes: [n, ...]`` keeps it to some of them.
 Every finished cell is also scored once on the dataset's whole test split (``test`` in its record).
+
+Several processes may run one grid side by side (e.g. two one-thread processes on a 2-core CPU): a cell's run
+directory is locked while it trains, so each process skips the cells another is running and takes the next.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from .config import (PHASES, RESUME_FREE_KEYS, ConvertConfig, PhaseConfig, RunCo
 from .engine import evaluate, resolve_device, resolve_precision
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
 from .provenance import git_state
-from .rundir import RunDir
+from .rundir import RunDir, RunDirLocked
 
 __all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware"]
 
@@ -375,7 +378,12 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
         else:
             if progress:
                 print(header)
-            record.update(_run_cell(entry, budget, progress), budget=budget, hardware=hardware(), git=code)
+            try:
+                record.update(_run_cell(entry, budget, progress), budget=budget, hardware=hardware(), git=code)
+            except RunDirLocked:
+                if progress:
+                    print(f"{header}: another process is running it, skipped")
+                continue
         atomic_write_text(path, json.dumps(record, indent=1))
     return out
 

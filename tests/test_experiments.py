@@ -226,7 +226,8 @@ def test_report_tables_and_claims(tmp_path):
     assert "78.74" in report  # the paper's number beside ours
     assert "CMHSA-5 (ours) − CMHSA (2nd phase) = +14.50 points" in report and "**agrees**" in report
     assert "CMHSA-5 (ours) − CMHSA-5 (1st phase) = +0.75 points" in report and "**inconclusive**" in report
-    assert "test cpu" in report and "Not run yet: `cmhsa experiment warmup --budget full`" in report
+    assert "Hardware (grids): test cpu, 2 threads, torch x (table1)." in report  # which grid ran on which setup
+    assert "Not run yet: `cmhsa experiment warmup --budget full`" in report
     assert "Not run yet: `python benchmarks/shift_experiment.py --seeds 0 1 2`" in report
     assert (tmp_path / "results/table1/summary.csv").read_text().startswith("model,params,top1_mean")
     assert "Progress: 10 of 18 cells finished" in report  # the shipped table1 grid: 9 cells x 2 seeds

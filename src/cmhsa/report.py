@@ -862,15 +862,18 @@ def _analysis(results: Path) -> Optional[str]:
     return "\n".join(parts)
 
 
-def _hardware(grids: List[Path]) -> str:
-    seen = set()
-    for grid in grids:
+def _hardware(grids: Dict[str, Path]) -> str:
+    """Each machine and software setup the cells ran on, with the grids that used it (a result is read against the
+    torch version that produced it)."""
+    used: Dict[str, set] = {}
+    for name, grid in grids.items():
         for c in read_cells(grid):
             hw = c.get("hardware", {})
             threads = hw.get("threads", "?")
-            seen.add(f"{hw.get('cpu', '?')}, {threads} thread{'' if threads == 1 else 's'}, torch {hw.get('torch', '?')}"
+            setup = (f"{hw.get('cpu', '?')}, {threads} thread{'' if threads == 1 else 's'}, torch {hw.get('torch', '?')}"
                      + (f", GPU {hw['cuda']}" if hw.get("cuda") else ""))
-    return "; ".join(sorted(seen)) or "unknown"
+            used.setdefault(setup, set()).add(name)
+    return "; ".join(f"{setup} ({', '.join(sorted(names))})" for setup, names in sorted(used.items())) or "unknown"
 
 
 def _progress(grid: Path, config: Path) -> str:
@@ -954,7 +957,7 @@ def write_report(results: str | Path = "results", budget: str = "full",
            "Li et al., *Can Vision Transformers Perform Convolution?* (2021), measured on data this machine has: "
            "Fashion-MNIST low-data subsets on a 2-core CPU, beside the paper's CIFAR-100 numbers. Every number "
            "below is read from `results/*/cells/*.json`; regenerate with `cmhsa report results`.", "",
-           f"Hardware: {_hardware(list(grids.values()))}.", "", *_at_a_glance(sections),
+           f"Hardware (grids): {_hardware(grids)}.", "", *_at_a_glance(sections),
            "## Setup", "", _setup(Path(configs)), ""]
     for title, source, body in sections:  # source: a grid's name, or the command that writes the section's data
         out += [f"## {title}", ""]

@@ -89,6 +89,20 @@ def test_version(capsys):
     assert exit_info.value.code == 0 and out.startswith(f"cmhsa {cmhsa.__version__} (torch {torch.__version__}")
 
 
+def test_an_override_without_set_names_the_fix(capsys, tmp_path):
+    for argv, overrides in [(["train", "phase1.epochs=3"], "phase1.epochs=3"),
+                            (["pipeline", "--output", str(tmp_path), "data.img_size=32", "x=1"], "data.img_size=32 x=1")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"config overrides go after --set: --set {overrides}" in err
+    with pytest.raises(SystemExit):  # a stray flag is not an override
+        main(["train", "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --epochs 3" in err and "--set" not in err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
 def test_experiment_typos_name_the_fix(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the repository's root: configs/experiments/
     code, _, err = run(capsys, "experiment", "tabel1")

@@ -482,7 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from .rundir import RunDirLocked
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `cmhsa train phase1.epochs=3` is a config override without its --set
+        overrides = hasattr(args, "set") and all("=" in a and not a.startswith("-") for a in unknown)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                     + (f"; config overrides go after --set: --set {' '.join(unknown)}" if overrides else ""))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RunDirLocked) as e:

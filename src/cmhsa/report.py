@@ -178,6 +178,8 @@ CONVERGED_CLAIMS = [
     (OURS, "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
     (OURS, "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),
+    (OURS, "Small CNN (resnet10t, 0.3M)", None,
+     "Two-phase CMHSA beats a small timm CNN, what a user would pick instead", "target", 0.0),
     (OURS, "Attention from scratch", None,
      "Convolutional initialisation beats training the attention model from scratch", "paper", 0.0),
     (OURS, "Structure only (conv attention pattern, random filters)", None,

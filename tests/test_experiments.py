@@ -433,7 +433,7 @@ def test_report_converged_protocol(tmp_path):
     assert "Not plateaued (last 20% added ≥ 1 point): DeiT-base." in report
     # the converged grid leads the at-a-glance list, targets included
     glance = report[report.index("## At a glance"):report.index("## Setup")]
-    assert "| Converged protocol | Our phase-2 recipe beats the conv phase alone" in glance and "1 of our 1 judged targets are met" in glance
+    assert "| Converged protocol | Our phase-2 recipe beats the conv phase alone" in glance and "1 of our 1 judged targets is met" in glance
     assert (results / "converged" / "wall_clock.png").exists() and (results / "converged" / "table1_bars.png").exists()
 
     # a gap of 1 point does not meet a 2-point target
@@ -494,7 +494,7 @@ def test_report_judges_the_88_percent_target_at_6k_and_says_how_many_seeds(tmp_p
     _converged_cell(results, "Two-phase, our recipe", 6000, 0, 88.7, flat)
     report = write_report(results, configs=GRIDS).read_text()
     assert "reaches 88% on the full test set: 88.70, one seed so far — target met." in report
-    assert "1 of our 1 judged targets are met" in report  # the at-a-glance count reads the verdict
+    assert "1 of our 1 judged targets is met" in report  # the at-a-glance count reads the verdict
     for seed, top1 in ((1, 87.0), (2, 87.3)):
         _converged_cell(results, "Two-phase, our recipe", 6000, seed, top1, flat)
     report = write_report(results, configs=GRIDS).read_text()

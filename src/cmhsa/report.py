@@ -918,7 +918,7 @@ def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> Li
     return ["## At a glance", "",
             f"{counts['agrees']} of the paper's claims agree with our measurements, {counts['disagrees']} disagree, "
             f"{counts['inconclusive']} are inconclusive (gap within the noise)"
-            + (f"; {met} of our {len(targets)} judged targets are met" if targets else "")
+            + (f"; {met} of our {len(targets)} judged targets {'is' if met == 1 else 'are'} met" if targets else "")
             + ". Each is explained in its section.", "",
             "| section | claim and measurement |", "| --- | --- |",
             *(f"| {_short_title(title)} | {line[2:]} |" for title, line in verdicts), ""]

@@ -520,15 +520,18 @@ def test_report_forms_section_judges_the_gap_against_two_standard_errors(tmp_pat
 
 
 def test_report_converged_equal_wall_clock(tmp_path):
-    """Rows compared at the cheapest row's training time: each row's last epoch that ended by then."""
+    """Rows compared at the conv phase's training time: each row's last epoch that ended by then, and a row that
+    ended sooner at its end, marked."""
     results = tmp_path / "results"
     for seed in range(2):
         _converged_cell(results, "Conv phase only", 2000, seed, 80.0, [60.0, 70.0, 75.0])   # 3 minutes
         _converged_cell(results, "DeiT-base", 2000, seed, 70.0, [40.0 + seed, 50.0, 60.0, 65.0, 68.0, 70.0])
+        _converged_cell(results, "Small CNN (resnet10t, 0.3M)", 2000, seed, 74.0, [71.0, 72.0])  # 2 minutes
     report = write_report(results, configs=GRIDS).read_text()
-    assert "val top-1 after 3 CPU minutes" in report
+    assert "val top-1 after 3 CPU minutes (one thread), the longest run of Conv phase only" in report
     assert "| Conv phase only | 75.00 ± 0.00 | 75.00 ± 0.00 | 3 |" in report
     assert "| DeiT-base | 60.00 ± 0.00 | 70.00 ± 0.00 | 6 |" in report
+    assert "| Small CNN (resnet10t, 0.3M) | 72.00 ± 0.00 † | 72.00 ± 0.00 | 2 |" in report
 
 
 def test_report_phase2_gain_against_grid_size(tmp_path):

@@ -98,6 +98,9 @@ def test_fit_learns_digits(digits, tmp_path):
     assert result["best_top1"] == max(line["val_top1"] for line in lines)
     assert result["epochs_run"] == 5
     assert all(line["precision"] == "fp32" for line in lines)  # what the run resolved, logged per epoch
+    # an epoch that is the best so far saves its weights once: last/ links best/'s files
+    same_file = os.path.samefile(tmp_path / "last/model.safetensors", tmp_path / "best/model.safetensors")
+    assert same_file == (result["best_epoch"] == 4)
 
 
 def test_metrics_fields_and_lr_follows_warmup_then_cosine(digits, tmp_path):
@@ -439,6 +442,31 @@ def test_checkpoint_errors_and_crash_recovery(tmp_path):
     (ckpt / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="non-checkpoint files"):
         save_checkpoint(ckpt, model, epoch=2)
+
+
+def test_checkpoint_links_the_weights_of_one_just_saved(tmp_path):
+    """``weights_from``: the weight files are hard links to that checkpoint's, and each directory stays its own
+    when the other is saved again."""
+    model = mlp()
+    ema = ModelEmaV3(model, decay=0.5)
+    best = save_checkpoint(tmp_path / "best", model, ema=ema, epoch=0)
+    last = save_checkpoint(tmp_path / "last", model, torch.optim.SGD(model.parameters(), lr=0.1), ema=ema, epoch=0,
+                           weights_from=best)
+    for name in ("model.safetensors", "ema.safetensors"):
+        assert os.path.samefile(best / name, last / name)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    save_checkpoint(best, model, epoch=1)  # replaced, not written in place: last/ keeps the epoch-0 weights
+    assert not os.path.samefile(best / "model.safetensors", last / "model.safetensors")
+    assert all(torch.equal(v, kept[k]) for k, v in load_file(last / "model.safetensors").items())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in load_file(best / "model.safetensors").items())
+    # a source without the file (no EMA saved there): written instead
+    plain = save_checkpoint(tmp_path / "plain", model, epoch=1)
+    again = save_checkpoint(tmp_path / "again", model, ema=ema, epoch=1, weights_from=plain)
+    assert os.path.samefile(plain / "model.safetensors", again / "model.safetensors")
+    assert load_file(again / "ema.safetensors").keys() == kept.keys()
 
 
 def test_missing_ema_non_strict_starts_from_model(tmp_path):

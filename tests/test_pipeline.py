@@ -244,6 +244,9 @@ def test_paper_cifar100_config_runs_one_step(tmp_path, kernel):
         f"output={tmp_path / 'run'}", f"data.data_dir={tmp_path / 'cifar'}", "data.num_workers=0",
         "train.batch_size=2", "phase1.epochs=1", "phase2.epochs=1", "train.max_steps_per_epoch=1",
         "train.mixup=0.0", "train.cutmix=0.0", "train.device=cpu", "train.warmup_epochs=0",
+        # SGD's one momentum buffer instead of AdamW's two moments: the phase-2 checkpoint of 155M parameters
+        # then takes 0.6 GB less disk (CI's is small); the optimizer is not what this test checks
+        "train.opt=sgd",
     ])
     summary = run_pipeline(config, progress=False)
     assert summary["phase2"]["params"] > 100e6  # 9 heads of 768 on D = 768, 6 layers

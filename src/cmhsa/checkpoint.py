@@ -156,6 +156,7 @@ def save_checkpoint(
     extra: Optional[Dict[str, Any]] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
     keep_previous: bool = False,
+    weights_from: Optional[PathLike] = None,
 ) -> Path:
     """Atomically write (or replace) the checkpoint directory ``path_dir``; returns it.
 
@@ -169,6 +170,9 @@ def save_checkpoint(
         extra: metrics/config to store; plain containers, numbers, strings and tensors only, since
             ``state.pt`` is read back with ``weights_only=True``.
         keep_previous: keep the checkpoint being replaced as ``.<name>.previous`` (resume falls back to it).
+        weights_from: a checkpoint directory just saved from this same ``model`` and ``ema`` (e.g. ``best/`` in the
+            same epoch): its weight files are hard-linked rather than written again. Checkpoint files are never
+            changed in place, so the two directories stay independent.
     """
     path_dir = Path(path_dir)
     if path_dir.is_dir():
@@ -191,11 +195,13 @@ def save_checkpoint(
     staging, previous = _staging_dir(path_dir), _previous_dir(path_dir)
     shutil.rmtree(staging, ignore_errors=True)  # leftover of a crashed save
     staging.mkdir(parents=True)
-    save_file(_weights_for_safetensors(model), staging / MODEL_FILE, metadata={"format": "pt"})
-    _fsync_file(staging / MODEL_FILE)
-    if ema is not None:
-        save_file(_weights_for_safetensors(ema), staging / EMA_FILE, metadata={"format": "pt"})
-        _fsync_file(staging / EMA_FILE)
+    for name, weights in ((MODEL_FILE, model), (EMA_FILE, ema)):
+        if weights is None:
+            continue
+        if weights_from is not None and _link(Path(weights_from) / name, staging / name):
+            continue
+        save_file(_weights_for_safetensors(weights), staging / name, metadata={"format": "pt"})
+        _fsync_file(staging / name)
     with open(staging / STATE_FILE, "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -212,6 +218,15 @@ def save_checkpoint(
     if not keep_previous:
         shutil.rmtree(previous, ignore_errors=True)
     return path_dir
+
+
+def _link(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` as ``target``; False where the file system cannot (the caller writes it instead)."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError:
+        return False
 
 
 def _read_state(path_dir: Path) -> Dict[str, Any]:

@@ -533,10 +533,12 @@ class TrainState:
     def _scaler(self) -> Optional[torch.amp.GradScaler]:
         return self.scaler if self.scaler.is_enabled() else None  # a disabled scaler has no state
 
-    def save(self, path: Path, **extra) -> None:
-        """Everything needed to resume, into the checkpoint directory ``path``."""
+    def save(self, path: Path, weights_from: Optional[Path] = None, **extra) -> None:
+        """Everything needed to resume, into the checkpoint directory ``path`` (weight files linked from
+        ``weights_from``, a checkpoint of this same state)."""
         save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ema, epoch=self.epoch - 1,
-                        scaler=self._scaler(), extra={**extra, **self.best}, keep_previous=True)
+                        scaler=self._scaler(), extra={**extra, **self.best}, keep_previous=True,
+                        weights_from=weights_from)
 
     def load(self, path: Path, check: Callable[[Dict[str, Any]], None]) -> Dict[str, Any]:
         """Restore from the checkpoint at ``path`` (or the one before it, if that one is corrupt); returns its
@@ -643,8 +645,10 @@ def _save_epoch(out: PhaseDir, state: TrainState, cfg: TrainConfig, record: Dict
     if improved:
         save_checkpoint(out.best, state.model, ema=state.ema, epoch=record["epoch"], extra=meta)
     if cfg.checkpoint_every and state.epoch % cfg.checkpoint_every == 0:
-        save_checkpoint(out.epoch(state.epoch), state.model, ema=state.ema, epoch=record["epoch"], extra=meta)
-    state.save(out.last, **meta, config=config)
+        save_checkpoint(out.epoch(state.epoch), state.model, ema=state.ema, epoch=record["epoch"], extra=meta,
+                        weights_from=out.best if improved else None)
+    # the same weights as best/ when it improved: linked, not written twice (600 MB a save at paper size)
+    state.save(out.last, **meta, config=config, weights_from=out.best if improved else None)
 
 
 def _log_epoch(record: Dict[str, Any], cfg: TrainConfig, progress: bool) -> None:

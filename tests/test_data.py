@@ -254,6 +254,24 @@ def test_subsets_through_create_datasets(mnist_dir):
     np.testing.assert_array_equal(val4.images, val.images)
 
 
+def test_any_mnist_format_set_loads_as_idx(tmp_path):
+    """``idx``: an MNIST-format folder that is not MNIST (here 12 classes, like a subset of EMNIST letters): its
+    own classes and statistics, no flip by default, and no torchvision layout assumed."""
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 64, (24, 28, 28), dtype=np.uint8)  # dark images: MNIST's statistics would be wrong
+    for stem, array in zip(IDX_STEMS, (train, np.arange(24, dtype=np.uint8) % 12,
+                                       rng.integers(0, 64, (12, 28, 28), dtype=np.uint8), np.arange(12, dtype=np.uint8))):
+        write_idx(tmp_path / stem, array, gz=False)
+    info = dataset_info("idx", str(tmp_path))
+    assert info.num_classes == 12 and info.classes == tuple(str(c) for c in range(12)) and not info.hflip
+    np.testing.assert_allclose(info.mean, [train.mean() / 255], rtol=1e-6)
+    np.testing.assert_allclose(info.std, [train.std() / 255], rtol=1e-6)
+    with pytest.raises(DatasetNotFoundError) as err:
+        dataset_info("idx")
+    assert "An MNIST-format dataset has no default location" in str(err.value) and "torchvision" not in str(err.value)
+    assert "--set data.data_dir=PATH" in str(err.value)
+
+
 # --------------------------------------------------------------------------------------------- missing data
 
 
@@ -261,7 +279,7 @@ def test_missing_fashion_mnist_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         create_datasets("fashion_mnist", 28, 1, data_dir=str(tmp_path))
     message = str(err.value)
-    assert "apt-get install dataset-fashion-mnist" in message and "--data-dir" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--set data.data_dir=PATH" in message
     for stem in IDX_STEMS:
         assert stem in message
 

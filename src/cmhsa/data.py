@@ -1,4 +1,5 @@
-"""Datasets for training ViTs on small data: Fashion-MNIST, MNIST, CIFAR-10/100, image folders, sklearn digits.
+"""Datasets for training ViTs on small data: Fashion-MNIST, MNIST, any MNIST-format set, CIFAR-10/100, image
+folders, sklearn digits.
 
 Every dataset yields ``(image, label)``: ``image`` a normalised float tensor ``(in_chans, H, W)``, ``label`` an
 int. The per-item pipeline is
@@ -49,7 +50,7 @@ __all__ = [
     "create_loader",
 ]
 
-DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "digits")
+DATASET_NAMES = ("fashion_mnist", "mnist", "idx", "cifar10", "cifar100", "imagefolder", "digits")
 AUGMENTATIONS = ("none", "light", "deit")
 RESIZE_MODES = ("pad", "resize")
 
@@ -72,12 +73,17 @@ _IDX_CLASSES = {
         "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
     ),
     "mnist": tuple(str(d) for d in range(10)),
+    "idx": None,  # any other set in the MNIST format (KMNIST, EMNIST, your own): classes 0 .. max label
 }
 _TORCHVISION_FOLDER = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 # Whether a mirrored image keeps its label, which decides the default of the horizontal flip: a mirrored digit is
 # another symbol (or none). An image folder can hold anything; flipping is the usual default, data.hflip overrides it.
-_HFLIP_KEEPS_LABEL = {"fashion_mnist": True, "mnist": False, "cifar10": True, "cifar100": True, "imagefolder": True,
-                      "digits": False}
+# MNIST-format sets are mostly characters (MNIST, KMNIST, EMNIST), so a generic one is not flipped by default.
+_HFLIP_KEEPS_LABEL = {"fashion_mnist": True, "mnist": False, "idx": False, "cifar10": True, "cifar100": True,
+                      "imagefolder": True, "digits": False}
+
+# where a user gives a dataset's location, for the errors that ask for it
+_DATA_DIR = "data.data_dir (`--set data.data_dir=PATH`; `cmhsa eval --data-dir PATH`)"
 
 _STAT_SAMPLE = 2000  # image-folder statistics use this many evenly spaced training images, not all of them
 
@@ -319,12 +325,13 @@ def _read_idx(path: Path) -> np.ndarray:
 def _idx_not_found(name: str, folder: Path | None, missing: Sequence[str] = ()) -> DatasetNotFoundError:
     files = ", ".join(f"{stem}.gz" for stem in _IDX_STEMS)
     fix = (
-        f"pass --data-dir (data_dir=) pointing at a folder with the four idx files {files} (plain, un-gzipped "
-        f"files work too; torchvision's {_TORCHVISION_FOLDER[name]}/raw folder has them)"
+        f"set {_DATA_DIR} to a folder with the four idx files {files} (plain, un-gzipped "
+        "files work too" + (f"; torchvision's {_TORCHVISION_FOLDER[name]}/raw folder has them)"
+                            if name in _TORCHVISION_FOLDER else ")")
     )
     if name == "fashion_mnist":
         fix = f"`apt-get install dataset-fashion-mnist`, or {fix}"
-    title = "Fashion-MNIST" if name == "fashion_mnist" else "MNIST"
+    title = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}.get(name, "An MNIST-format dataset")
     where = f"{title} has no default location" if folder is None else \
         f"{title} not found in {folder} (missing: {', '.join(missing)})"
     return DatasetNotFoundError(f"{where}. Fix: {fix}.")
@@ -336,10 +343,11 @@ def _idx_paths(folder: Path) -> list[Path | None]:
 
 
 def _load_idx(name: str, data_dir: str | None) -> _Raw:
-    if data_dir is None and name == "mnist":
+    if data_dir is None and name != "fashion_mnist":
         raise _idx_not_found(name, None)
     folder = Path(data_dir if data_dir is not None else FASHION_MNIST_DIR)
-    for candidate in (folder, folder / _TORCHVISION_FOLDER[name] / "raw"):
+    candidates = [folder] + ([folder / _TORCHVISION_FOLDER[name] / "raw"] if name in _TORCHVISION_FOLDER else [])
+    for candidate in candidates:
         paths = _idx_paths(candidate)
         if all(paths):
             break
@@ -353,8 +361,9 @@ def _load_idx(name: str, data_dir: str | None) -> _Raw:
                 f"{name} {split} files in {paths[0].parent} do not match: images {images.shape} (expected N, H, W), "
                 f"labels {labels.shape} (expected N,)"
             )
-    return _Raw(train_x[..., None], train_y.astype(np.int64), val_x[..., None], val_y.astype(np.int64),
-                _IDX_CLASSES[name], str(paths[0].parent.resolve()))
+    classes = _IDX_CLASSES[name] or tuple(str(c) for c in range(int(max(train_y.max(), val_y.max())) + 1))
+    return _Raw(train_x[..., None], train_y.astype(np.int64), val_x[..., None], val_y.astype(np.int64), classes,
+                str(paths[0].parent.resolve()))
 
 
 @dataclass(frozen=True)
@@ -422,7 +431,7 @@ def _find_cifar(name: str, data_dir: str | None) -> Path:
         f"{layout.tarball} (extracted on first use). Download the \"python version\" from {CIFAR_URL}"
     )
     if data_dir is None:
-        raise DatasetNotFoundError(f"{name} needs --data-dir (data_dir=): {expected}.")
+        raise DatasetNotFoundError(f"{name} needs {_DATA_DIR}: {expected}.")
     base = Path(data_dir)
     for folder in (base, base / layout.folder):
         if _has_files(folder, layout.files):
@@ -494,7 +503,7 @@ def _scan_folder(folder: Path, class_to_idx: dict, require_all: bool) -> Tuple[l
 def _load_imagefolder(data_dir: str | None) -> _Raw:
     layout = "data_dir/train/<class>/*.png and data_dir/val/<class>/*.png (or test/ instead of val/)"
     if data_dir is None:
-        raise DatasetNotFoundError(f"imagefolder needs --data-dir (data_dir=) with the layout {layout}.")
+        raise DatasetNotFoundError(f"imagefolder needs {_DATA_DIR} with the layout {layout}.")
     root = Path(data_dir)
     train_dir = root / "train"
     val_dir = next((root / split for split in ("val", "test") if (root / split).is_dir()), None)

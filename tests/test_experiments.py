@@ -550,6 +550,26 @@ def test_report_phase2_gain_against_grid_size(tmp_path):
     assert "| 1000 | 40 px, 10x10 grid | 83.00 ± 0.58 (3) | 85.00 ± 0.58 (3) | +2.00 (±1.63) | — | — | — | — |" \
         in section
     assert "| 2000 |" not in section and "Progress: 6 of" in section
+    assert "seed by seed" not in section  # no row converted mid-run: nothing to pair
+
+
+def test_report_pairs_the_mid_run_row_with_the_conv_row_seed_by_seed(tmp_path):
+    """The mid-run row is the conv row's run until its conversion: its gain is taken per seed, and whether it grows
+    from the 7x7 to the larger grid is judged against those per-seed spreads."""
+    results = tmp_path / "results"
+    midrun = "Two-phase, our recipe, converted mid-run"
+    for seed, lift in enumerate([0.5, 0.7, 0.6]):
+        for grid, size, gain in (("converged", 28, -0.1), ("converged_geometry", 40, lift)):
+            _converged_cell(results, "Conv phase only", 1000, seed, 82.0 + seed, [80.0] * 5, grid, size)
+            _converged_cell(results, midrun, 1000, seed, 82.0 + seed + gain, [80.0] * 5, grid, size)
+    section = write_report(results, configs=GRIDS).read_text()
+    section = section[section.index("## Grid size"):section.index("## Table 1")]
+    # unpaired, the seeds' spread of 1 point hides a 0.6-point gain; paired, it cancels
+    assert "| 83.60 ± 0.61 (3) | +0.60 (±1.68) |" in section
+    assert f"- {midrun} − Conv phase only, 1000 images, 28 px, 7x7 grid: -0.10 (2 SE ±0.00, 3 seeds)" in section
+    assert f"- {midrun} − Conv phase only, 1000 images, 40 px, 10x10 grid: +0.60 (2 SE ±0.12, 3 seeds)" in section
+    assert (f"- Phase 2's gain grows with the grid ({midrun}, 1000 images, seed by seed): 28 px, 7x7 grid -0.10 → "
+            "40 px, 10x10 grid +0.60, a difference of +0.70 (2 SE ±0.12) — target met.") in section
 
 
 def test_report_converged_conversion_drop_and_shift_table(tmp_path):

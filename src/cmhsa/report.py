@@ -462,7 +462,7 @@ def _geometry(converged: Path, geometry: Path) -> Optional[str]:
         for c in cells:
             if c["config"]["data"]["train_subset"] in sizes:
                 test[c["config"]["data"]["train_subset"], _grid_label(c)][c["label"]][c["seed"]] = c["test"]["top1"]
-        for (n, grid), by in sorted(test.items()):
+        for (n, grid), by in sorted(test.items(), key=lambda item: (item[0][0], int(item[0][1].split()[0]))):
             conv = list(by["Conv phase only"].values()) if "Conv phase only" in by else None
             cols = []
             for arm in GEOMETRY_ARMS:

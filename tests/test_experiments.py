@@ -435,6 +435,9 @@ def test_report_converged_protocol(tmp_path):
     glance = report[report.index("## At a glance"):report.index("## Setup")]
     assert "| Converged protocol | Our phase-2 recipe beats the conv phase alone" in glance and "1 of our 1 judged targets is met" in glance
     assert (results / "converged" / "wall_clock.png").exists() and (results / "converged" / "table1_bars.png").exists()
+    # the report opens with the figure of every row against the conv phase
+    assert "![each row against the conv phase alone](converged/gains.png)" in glance
+    assert (results / "converged" / "gains.png").exists()
 
     # a gap of 1 point does not meet a 2-point target
     for seed, ours in enumerate((83.0, 83.5, 82.5)):
@@ -570,6 +573,19 @@ def test_report_pairs_the_mid_run_row_with_the_conv_row_seed_by_seed(tmp_path):
     assert f"- {midrun} − Conv phase only, 1000 images, 40 px, 10x10 grid: +0.60 (2 SE ±0.12, 3 seeds)" in section
     assert (f"- Phase 2's gain grows with the grid ({midrun}, 1000 images, seed by seed): 28 px, 7x7 grid -0.10 → "
             "40 px, 10x10 grid +0.60, a difference of +0.70 (2 SE ±0.12) — target met.") in section
+    assert "![phase 2's gain against grid size](converged_geometry/gain_vs_grid.png)" in section
+    assert (results / "converged_geometry" / "gain_vs_grid.png").exists()
+
+
+def test_gain_figures_are_skipped_when_there_is_nothing_to_compare(tmp_path):
+    from cmhsa.report import _gain_vs_grid_figure, _gains_figure
+    one_grid = {("Two-phase, our recipe", 1000): {7: (0.5, 0.2, True)}}  # one grid: no line to draw
+    assert not _gain_vs_grid_figure(one_grid, tmp_path / "grid.png") and not (tmp_path / "grid.png").exists()
+    no_conv = {"Two-phase, our recipe": {2000: [85.0, 86.0]}}  # no conv row to subtract
+    assert not _gains_figure(no_conv, list(no_conv), tmp_path / "gains.png")
+    assert not (tmp_path / "gains.png").exists()
+    with_conv = {**no_conv, "Conv phase only": {2000: [84.0, 85.0]}}
+    assert _gains_figure(with_conv, list(with_conv), tmp_path / "gains.png") and (tmp_path / "gains.png").exists()
 
 
 def test_report_converged_conversion_drop_and_shift_table(tmp_path):

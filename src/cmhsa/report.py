@@ -335,6 +335,39 @@ def _table1_bars(test: Dict[str, Dict[int, List[float]]], paper_rows: Dict[str, 
     plt.close(fig)
 
 
+def _gains_figure(test: Dict[str, Dict[int, List[float]]], labels: List[str], out: Path,
+                  reference: str = "Conv phase only") -> bool:
+    """Every row's test top-1 minus the conv phase alone's, per training-set size, with 2 standard errors (rows
+    with one seed: a hollow marker, no bar); the 2-point target marked. False when there is nothing to draw."""
+    if reference not in test:
+        return False
+    rows = [l for l in labels if l in test and l != reference and set(test[l]) & set(test[reference])]
+    if not rows:
+        return False
+    sizes = sorted({n for l in rows for n in test[l] if n in test[reference]})
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.6))
+    for i, n in enumerate(sizes):
+        offset = (i - (len(sizes) - 1) / 2) * 0.22  # the sizes side by side within a row
+        points = [(y, test[label][n], test[reference][n]) for y, label in enumerate(rows) if n in test[label]]
+        ax.plot([], [], "o", color=f"C{i}", label=f"{n} images")
+        for y, a, b in points:
+            noise = two_standard_errors(a, b)
+            ax.errorbar(statistics.fmean(a) - statistics.fmean(b), y + offset, xerr=noise, fmt="o", capsize=2,
+                        color=f"C{i}", mfc=f"C{i}" if noise is not None else "white", ms=5)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvline(2, color="k", ls=":", lw=0.8, label="target: +2 points")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"test top-1 − {reference} (points; bars: 2 SE, hollow: one seed)")
+    ax.set_title("Each row against the conv phase alone, at equal steps", fontsize=10, pad=24)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(sizes) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _conversion_drops(cells: List[dict], labels: List[str]) -> List[str]:
     """Per two-phase row: val top-1 right after conversion minus at the end of phase 1 (target: within 1 point)."""
     drops: Dict[str, List[float]] = defaultdict(list)
@@ -403,11 +436,13 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
     _wall_clock_figure(cells, middle, grid / "wall_clock.png")
     paper_rows = {c.get("label"): c["paper_row"] for c in spec["cells"] if c.get("paper_row")}
     _table1_bars(test, paper_rows, middle, grid / "table1_bars.png")
+    gains_plot = _gains_figure(test, labels, grid / "gains.png")
     unplateaued = sorted(l for l, g in gains.items() if max(g) >= 1)
     return "\n".join([
         "Test top-1 on the full 10,000-image test set, mean ± standard error (seeds). Every row gets the same number "
         "of optimizer steps whatever the subset size; the last column is the largest val top-1 gain over the last "
         "20% of training among a row's runs (⚠: not plateaued by the 1-point rule).", "", *rows, "",
+        *([f"![each row against the conv phase alone]({grid.name}/gains.png)", ""] if gains_plot else []),
         *_converged_claims(test), *_control_split(test), "", *_conversion_drops(cells, labels), "", *_equal_wall_clock(cells, labels, middle),
         *_shift_table(cells, labels, middle),
         ("Every run plateaued by the rule." if not unplateaued else
@@ -423,10 +458,11 @@ GEOMETRY_ARMS = (OURS, OURS_CONTINUED, TIED_CONTINUED, "Two-phase, paper recipe"
 PAIRED_WITH_CONV = (OURS_CONTINUED, TIED_CONTINUED)
 
 
-def _grid_label(cell: dict) -> str:
+def _grid_of(cell: dict) -> Tuple[int, str]:
+    """(tokens per side, "28 px, 7x7 grid") of a cell's patch grid."""
     size = cell["config"]["data"].get("img_size", 28)
     patch = cell["config"].get("model", {}).get("kwargs", {}).get("patch_size", 4)  # the cmhsa*_tiny models' P
-    return f"{size} px, {size // patch}x{size // patch} grid"
+    return size // patch, f"{size} px, {size // patch}x{size // patch} grid"
 
 
 def _paired_gain(arm: Dict[int, float], conv: Dict[int, float]) -> Optional[Tuple[float, float, int]]:
@@ -462,12 +498,13 @@ def _geometry(converged: Path, geometry: Path) -> Optional[str]:
             " | ".join(f"{arm} | gain (2 SE)" for arm in GEOMETRY_ARMS) + " |",
             "| ---: | --- | ---: |" + " ---: | ---: |" * len(GEOMETRY_ARMS)]
     paired: Dict[Tuple[str, int], Dict[str, Tuple[float, float, int]]] = defaultdict(dict)
+    plotted: Dict[Tuple[str, int], Dict[int, Tuple[float, float, bool]]] = defaultdict(dict)  # by tokens per side
     for cells in (read_cells(converged), geo):
         test: Dict[Tuple[int, str], Dict[str, Dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
         for c in cells:
             if c["config"]["data"]["train_subset"] in sizes:
-                test[c["config"]["data"]["train_subset"], _grid_label(c)][c["label"]][c["seed"]] = c["test"]["top1"]
-        for (n, grid), by in sorted(test.items(), key=lambda item: (item[0][0], int(item[0][1].split()[0]))):
+                test[(c["config"]["data"]["train_subset"], *_grid_of(c))][c["label"]][c["seed"]] = c["test"]["top1"]
+        for (n, side, grid), by in sorted(test.items()):
             conv = list(by["Conv phase only"].values()) if "Conv phase only" in by else None
             cols = []
             for arm in GEOMETRY_ARMS:
@@ -478,10 +515,13 @@ def _geometry(converged: Path, geometry: Path) -> Optional[str]:
                 noise = two_standard_errors(values, conv) if conv else None
                 gain = f"{statistics.fmean(values) - statistics.fmean(conv):+.2f}" if conv else "—"
                 cols += [_se_text(values), gain + (f" (±{noise:.2f})" if noise is not None else "")]
+                if noise is not None:
+                    plotted[arm, n][side] = (statistics.fmean(values) - statistics.fmean(conv), noise, False)
             rows.append(f"| {n} | {grid} | {_se_text(conv) if conv else '—'} | " + " | ".join(cols) + " |")
             for arm in (a for a in PAIRED_WITH_CONV if a in by and conv):
                 if (gain := _paired_gain(by[arm], by["Conv phase only"])) is not None:
                     paired[arm, n][grid] = gain
+                    plotted[arm, n][side] = (gain[0], gain[1], True)
     return "\n".join([
         "Test top-1 (full test set, mean ± SE over seeds) and phase 2's gain over the conv phase alone at equal steps, "
         "on the 7x7 grid of 28 px images and on a larger grid of the same images upsampled "
@@ -492,7 +532,35 @@ def _geometry(converged: Path, geometry: Path) -> Optional[str]:
            "share cancels and a smaller gain is resolved than by the two rows' spreads above.", "",
            *(f"- {arm} − Conv phase only, {n} images, {grid}: {gain:+.2f} (2 SE ±{noise:.2f}, {k} seeds)"
              for (arm, n), by_grid in sorted(paired.items()) for grid, (gain, noise, k) in by_grid.items()),
-           *_growth_with_grid(paired)] if paired else [])])
+           *_growth_with_grid(paired)] if paired else []),
+        *(["", f"![phase 2's gain against grid size]({geometry.name}/gain_vs_grid.png)"]
+          if _gain_vs_grid_figure(plotted, geometry / "gain_vs_grid.png") else [])])
+
+
+def _gain_vs_grid_figure(gains: Dict[Tuple[str, int], Dict[int, Tuple[float, float, bool]]], out: Path) -> bool:
+    """Phase 2's gain over the conv phase (± 2 SE) against tokens per side, one line per row and training-set size;
+    filled markers where the gain is paired seed by seed. False when no row has two grids to compare."""
+    lines = {key: by_side for key, by_side in gains.items() if len(by_side) > 1}
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, ((arm, n), by_side) in enumerate(sorted(lines.items())):
+        sides = sorted(by_side)
+        ax.plot(sides, [by_side[s][0] for s in sides], color=f"C{i}", lw=1, label=f"{arm}, {n} images")
+        for s in sides:
+            gain, noise, paired = by_side[s]
+            ax.errorbar(s, gain, yerr=noise, fmt="o", capsize=3, color=f"C{i}", mfc=f"C{i}" if paired else "white")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(sorted({s for by_side in lines.values() for s in by_side}))
+    ax.set(xlabel="patch grid (tokens per side)", ylabel="two-phase − conv phase only (test top-1, points)",
+           title="Phase 2's gain against grid size (bars: 2 SE; filled: paired by seed)")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return True
 
 
 # --- table1 ------------------------------------------------------------------------------------------------------
@@ -946,6 +1014,8 @@ def _setup(configs: Path) -> str:
 
 
 TARGET_VERDICTS = ("target met", "target **not met**", "target met at some sizes only")
+# the sections' figures (by alt text) that the report opens with
+LEAD_FIGURES = ("each row against the conv phase alone", "phase 2's gain against grid size")
 
 
 def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> List[str]:
@@ -960,11 +1030,13 @@ def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> Li
     counts = {v: sum(f"**{v}**" in line for _, line in verdicts) for v in claims}
     targets = [line for _, line in verdicts if any(f"— {t}" in line for t in TARGET_VERDICTS)]
     met = sum("— target met." in line for line in targets)
+    figures = [line for _, _, body in sections for line in (body or "").splitlines()
+               if line.startswith("![") and line[2:].split("]")[0] in LEAD_FIGURES]
     return ["## At a glance", "",
             f"{counts['agrees']} of the paper's claims agree with our measurements, {counts['disagrees']} disagree, "
             f"{counts['inconclusive']} are inconclusive (gap within the noise)"
             + (f"; {met} of our {len(targets)} judged targets {'is' if met == 1 else 'are'} met" if targets else "")
-            + ". Each is explained in its section.", "",
+            + ". Each is explained in its section.", "", *([" ".join(figures), ""] if figures else []),
             "| section | claim and measurement |", "| --- | --- |",
             *(f"| {_short_title(title)} | {line[2:]} |" for title, line in verdicts), ""]
 

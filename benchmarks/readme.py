@@ -24,6 +24,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,7 @@ def findings_block() -> str:
     if len(section) != 2:
         raise ValueError(f"{path} has no '## At a glance' section; regenerate it with `cmhsa report results`")
     body = section[1].split("\n## ", 1)[0].strip("\n")
+    body = re.sub(r"!\[([^]]*)]\(([^)]+)\)", r"![\1](results/\2)", body)  # the report's figures, from the README
     return f"From `results/REPORT.md` (`cmhsa report results`), its \"At a glance\" section:\n\n{body}"
 
 

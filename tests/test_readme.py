@@ -66,3 +66,10 @@ def test_models_block_matches_a_regeneration():
 def test_convert_net_finetune_block_matches_its_results_file():
     # a stored result, reported by its own script: the README must say what the JSON holds
     assert readme.read_block(README, "convert-net-finetune") == readme.convert_net_finetune_block()
+
+
+def test_findings_block_matches_the_report_and_its_figures_exist():
+    # the README quotes the report's "At a glance": the same text, with the figure links made relative to the README
+    assert readme.read_block(README, "findings") == readme.findings_block()
+    figures = re.findall(r"!\[[^]]*]\(([^)]+)\)", README)
+    assert figures and all((ROOT / f).is_file() for f in figures), figures

@@ -264,7 +264,12 @@ def test_report_judges_one_seed_grids_against_table1_noise(tmp_path):
     assert "The gap narrows from +10.00 at 1000 images to +0.50 at 8000" in report
     assert "## At a glance" in report and "5 of the paper's claims agree with our measurements, 0 disagree, " \
         "0 are inconclusive" in report  # 3 warm-up, DeiT vs ViT, efficiency at 1000 images
-    assert "+10.00 points at 1000 images (noise ±1.00) — **agrees** with the paper" in report
+    assert "+10.00 points at 1000 images (noise ±1.00); by training-set size: 1000: +10.00 (agrees), 8000: +0.50 " \
+        "(inconclusive) — **agrees** with the paper" in report
+    # at a glance, each verdict line is split into its claim, what was measured and the verdict
+    assert "| Data efficiency (short budget) | Two-phase CMHSA-5 beats DeiT-base with little data | +10.00 points at " \
+        "1000 images (noise ±1.00); by training-set size: 1000: +10.00 (agrees), 8000: +0.50 (inconclusive) | " \
+        "**agrees** with the paper |" in report
     assert (results / "warmup" / "warmup.png").exists() and (results / "efficiency" / "efficiency.png").exists()
 
     # a warm-up that hurts random init by more than the noise disagrees
@@ -496,12 +501,20 @@ def test_report_judges_the_88_percent_target_at_6k_and_says_how_many_seeds(tmp_p
     results, flat = tmp_path / "results", [80.0] * 20
     _converged_cell(results, "Two-phase, our recipe", 6000, 0, 88.7, flat)
     report = write_report(results, configs=GRIDS).read_text()
-    assert "reaches 88% on the full test set: 88.70, one seed so far — target met." in report
+    assert "reaches 88% on the full test set (target): 88.70, one seed so far — target met." in report
     assert "1 of our 1 judged targets is met" in report  # the at-a-glance count reads the verdict
     for seed, top1 in ((1, 87.0), (2, 87.3)):
         _converged_cell(results, "Two-phase, our recipe", 6000, seed, top1, flat)
     report = write_report(results, configs=GRIDS).read_text()
-    assert "reaches 88% on the full test set: 87.67 ± 0.52 (3) — target **not met**." in report
+    assert "reaches 88% on the full test set (target): 87.67 ± 0.52 (3) — target **not met**." in report
+
+
+def test_at_a_glance_splits_a_verdict_line_at_the_colon_outside_parentheses():
+    from cmhsa.report import _claim_parts
+    line = "The second phase adds (control: keeps the conv): a − b: +1.36 (2 SE ±0.71) — **agrees** with the paper."
+    assert _claim_parts(line) == ("The second phase adds (control: keeps the conv)", "a − b: +1.36 (2 SE ±0.71)",
+                                  "**agrees** with the paper")
+    assert _claim_parts("no colon — target met.") == ("", "no colon", "target met")
 
 
 def test_at_a_glance_section_titles_keep_their_parentheses_closed():

@@ -219,7 +219,7 @@ def _converged_claims(test: Dict[str, Dict[int, List[float]]]) -> List[str]:
     if best:
         mean = statistics.fmean(best)
         seeds = f"{mean:.2f}, one seed so far" if len(best) == 1 else _se_text(best)
-        lines.append(f"- Target: two-phase at 6,000 images reaches 88% on the full test set: {seeds} — "
+        lines.append(f"- Two-phase at 6,000 images reaches 88% on the full test set (target): {seeds} — "
                      f"{'target met' if mean >= 88 else 'target **not met**'}.")
     return lines
 
@@ -716,8 +716,9 @@ def _efficiency_claims(curves: Dict[str, Dict[int, List[float]]], noise: Optiona
     noise_text = f"noise ±{noise:.2f}" if noise is not None else "no noise estimate"
     smallest = sizes[0]
     lines = [f"- Two-phase CMHSA-5 beats DeiT-base with little data: {gaps[smallest]:+.2f} points at {smallest} "
-             f"images ({noise_text}) — {_verdict(gaps[smallest], noise, +1)}. By training-set size: "
-             + ", ".join(f"{n}: {g:+.2f} ({_judge(g, noise, +1)})" for n, g in gaps.items()) + "."]
+             f"images ({noise_text}); by training-set size: "
+             + ", ".join(f"{n}: {g:+.2f} ({_judge(g, noise, +1)})" for n, g in gaps.items())
+             + f" — {_verdict(gaps[smallest], noise, +1)}."]
     if len(sizes) > 1:
         first, last = gaps[sizes[0]], gaps[sizes[-1]]
         trend = "narrows" if first - last > (noise or 0) else "widens" if last - first > (noise or 0) else \
@@ -1037,8 +1038,24 @@ def _at_a_glance(sections: List[Tuple[str, Optional[str], Optional[str]]]) -> Li
             f"{counts['inconclusive']} are inconclusive (gap within the noise)"
             + (f"; {met} of our {len(targets)} judged targets {'is' if met == 1 else 'are'} met" if targets else "")
             + ". Each is explained in its section.", "", *([" ".join(figures), ""] if figures else []),
-            "| section | claim and measurement |", "| --- | --- |",
-            *(f"| {_short_title(title)} | {line[2:]} |" for title, line in verdicts), ""]
+            "| section | claim | measured | verdict |", "| --- | --- | --- | --- |",
+            *(f"| {_short_title(title)} | " + " | ".join(_claim_parts(line[2:])) + " |" for title, line in verdicts),
+            ""]
+
+
+def _claim_parts(line: str) -> Tuple[str, str, str]:
+    """A verdict line "claim (notes: ...): measurement — verdict." split into its three parts: the claim ends at the
+    first colon outside parentheses, the verdict follows the last dash."""
+    depth = 0
+    for i, char in enumerate(line):
+        depth += (char == "(") - (char == ")")
+        if char == ":" and depth == 0:
+            claim, rest = line[:i], line[i + 1:].strip()
+            break
+    else:
+        claim, rest = "", line
+    measured, _, verdict = rest.rpartition(" — ")
+    return claim, measured, verdict.rstrip(".")
 
 
 def _short_title(title: str) -> str:

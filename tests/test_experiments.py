@@ -408,7 +408,7 @@ def _arms(results: Path, n: int, arms: dict) -> None:
 
 
 def test_trajectory_skips_unevaluated_epochs_but_counts_their_steps_and_time():
-    from cmhsa.report import _trajectory
+    from cmhsa.report.converged import _trajectory
     lines = [{"epoch_seconds": 10.0, **({"val_top1": 50.0 + e} if e % 2 else {})} for e in range(6)]  # eval_every=2
     cell = {"config": {"data": {"train_subset": 1000}, "train": {"batch_size": 100}, "phase1": {}},
             "phases": {"train": lines}}
@@ -591,7 +591,7 @@ def test_report_pairs_the_mid_run_row_with_the_conv_row_seed_by_seed(tmp_path):
 
 
 def test_gain_figures_are_skipped_when_there_is_nothing_to_compare(tmp_path):
-    from cmhsa.report import _gain_vs_grid_figure, _gains_figure
+    from cmhsa.report.converged import _gain_vs_grid_figure, _gains_figure
     one_grid = {("Two-phase, our recipe", 1000): {7: (0.5, 0.2, True)}}  # one grid: no line to draw
     assert not _gain_vs_grid_figure(one_grid, tmp_path / "grid.png") and not (tmp_path / "grid.png").exists()
     no_conv = {"Two-phase, our recipe": {2000: [85.0, 86.0]}}  # no conv row to subtract
@@ -634,7 +634,7 @@ def test_a_training_cell_is_the_same_run_whatever_its_unused_convert_section():
 
 
 def test_report_names_the_attention_form_of_every_row():
-    from cmhsa.report import attention_form
+    from cmhsa.report._common import attention_form
     assert attention_form({"kind": "pipeline", "config": {"convert": {"form": "factorized"}}}) == "factorized"
     assert attention_form({"kind": "pipeline", "config": {"convert": {}}}) == "paper"  # before convert.form existed
     assert attention_form({"kind": "train", "config": {"model": {"name": "cmhsa5_fattn_tiny"}}}) == "factorized"
@@ -677,7 +677,7 @@ def test_report_shift_section_reads_the_shift_experiment(tmp_path):
 
 
 def test_report_names_the_precision_of_every_row():
-    from cmhsa.report import row_precision
+    from cmhsa.report._common import row_precision
     two = {"phases": {"phase1": [{"precision": "fp32"}], "phase2": [{"precision": "bf16"}]}}
     assert row_precision(two) == "fp32 / bf16"
     assert row_precision({"phases": {"train": [{"precision": "fp32"}]}}) == "fp32"
@@ -699,7 +699,7 @@ def test_report_judges_the_mid_run_conversion_against_the_conv_row_its_control(t
 
 def test_every_converged_claim_names_rows_of_the_converged_grid():
     """A claim whose row label matches no cell would silently never be judged."""
-    from cmhsa.report import CONTROLS, CONVERGED_CLAIMS
+    from cmhsa.report.converged import CONTROLS, CONVERGED_CLAIMS
     labels = {cell["label"] for cell in yaml.safe_load((GRIDS / "converged.yaml").read_text())["cells"]}
     named = {arm for claim in CONVERGED_CLAIMS for arm in claim[:2]} | set(CONTROLS) | set(CONTROLS.values())
     assert named <= labels, named - labels

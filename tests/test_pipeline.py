@@ -263,6 +263,14 @@ def test_every_preset_is_valid(preset):
     assert config.model.name.startswith("cmhsa") and "_conv_" in config.model.name
 
 
+def test_the_mid_run_preset_is_one_run_converted_softly_at_phase_1s_end():
+    config = load_config(CONFIGS / "fmnist_tiny_midrun.yaml")
+    first, second = config.phase_config("phase1"), config.phase_config("phase2")
+    assert config.convert.continue_schedule and config.convert.bias_strength < 60  # soft: the attention can move
+    assert first.schedule_epochs == second.schedule_epochs == first.epochs + second.epochs
+    assert second.first_epoch == first.epochs and second.lr == first.lr  # phase 1's schedule, continued
+
+
 def test_resume_refuses_a_changed_config_and_changes_nothing(run, capsys):
     """The run directory holds another run's results: resuming it with other data/convert settings must refuse,
     name what differs and the ways out, and leave config.yaml, summary.md and the weights as they are."""

@@ -201,12 +201,20 @@ def test_status_lists_what_a_run_would_do_and_runs_nothing(tmp_path, capsys):
     changed = dict(spec, cells=[dict(spec["cells"][0], overrides=[*spec["cells"][0]["overrides"], "phase1.lr=1e-4"])])
     assert status(changed) == {("conv", 0): ("to run", "")}  # a changed config is not the finished cell
 
+    # how long the runs left should take: what the same cell's finished seeds took, where there is one
+    minutes = {(r["cell"], r["seed"]): r["minutes"]
+               for r in grid_status(dict(spec, seeds=[0, 1]), results_root=results, runs_root=runs)}
+    took = record["train_seconds"] / 60
+    assert minutes == {("conv", 0): took, ("conv", 1): took, ("two_phase", 0): None, ("two_phase", 1): None}
+
     capsys.readouterr()
     assert main(["experiment", "mini", "--config", str(grid), "--status", "--seeds", "0", "1",
                  "--results", str(results), "--runs", str(runs)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "mini (full budget): 4 cells, 1 finished, 1 resume, 2 to run"
-    assert sum("to run" in line for line in printed[1:]) == 2
+    assert sum("to run" in line for line in printed[1:-1]) == 2
+    assert printed[-1].startswith(f"left: 3 runs; 1 of them should take ~{took:.0f} CPU-min") \
+        and printed[-1].endswith("2 have no finished seed to estimate from")
     assert not (results / "mini/cells/two_phase__seed0.json").exists()  # nothing ran
 
 

@@ -338,7 +338,15 @@ def cmd_experiment(args: argparse.Namespace) -> int:
               + ", ".join(f"{counts[s]} {s}" for s in ("finished", "reuse", "resume", "to run") if counts[s]))
         width = max(len(row["cell"]) for row in rows)
         for row in rows:
-            print(f"  {row['cell']:<{width}}  seed {row['seed']:<3} {row['status']:<8}  {row['detail']}".rstrip())
+            took = f"{row['minutes']:.0f} min" if row["minutes"] is not None else ""
+            print(f"  {row['cell']:<{width}}  seed {row['seed']:<3} {row['status']:<8} {took:>8}  {row['detail']}"
+                  .rstrip())
+        left = [row for row in rows if row["status"] in ("resume", "to run")]
+        if left:
+            known = [row["minutes"] for row in left if row["minutes"] is not None]
+            print(f"left: {len(left)} runs; {len(known)} of them should take ~{sum(known):.0f} CPU-min (the mean of "
+                  f"their cell's finished seeds; a resumed run takes less), {len(left) - len(known)} have no "
+                  "finished seed to estimate from")
         return 0
     out = run_experiment(spec, budget=args.budget, seeds=args.seeds, results_root=args.results,
                          runs_root=args.runs, only=args.cells)
@@ -459,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
     p.add_argument("--status", action="store_true",
-                   help="run nothing: list every cell and seed as finished, reused, to resume or to run")
+                   help="run nothing: list every cell and seed as finished, reused, to resume or to run, with the "
+                        "CPU minutes each took or should take (its cell's finished seeds)")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="write results/REPORT.md from the experiment and analysis results",

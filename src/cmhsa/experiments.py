@@ -30,6 +30,8 @@ import json
 import math
 import platform
 import shutil
+import statistics
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -334,22 +336,31 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
                 results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
                 only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """What :func:`run_experiment` would do, cell by cell, without running anything: one ``{cell, seed, status,
-    detail}`` per cell x seed, status ``finished`` (detail: test top-1), ``reuse`` (a finished identical run of
-    another grid), ``resume`` (detail: how far its checkpointed run got) or ``to run``."""
+    detail, minutes}`` per cell x seed, status ``finished`` (detail: test top-1), ``reuse`` (a finished identical
+    run of another grid), ``resume`` (detail: how far its checkpointed run got) or ``to run``. ``minutes``: the
+    training time a finished run took, and for a run still to do the mean of the same cell's finished seeds (None
+    without one), so a grid can be planned to fit a session."""
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
     out = results_dir(spec, budget, results_root)
-    rows = []
+    rows, took = [], defaultdict(list)
     for entry in cell_configs(spec, budget, seeds, runs_root, only):
-        path = _cell_record(entry, out)
+        path, minutes = _cell_record(entry, out), None
         if _is_finished(entry, path):
-            status, detail = "finished", f"test top-1 {json.loads(path.read_text())['test']['top1']:.2f}"
+            record = json.loads(path.read_text())
+            status, detail = "finished", f"test top-1 {record['test']['top1']:.2f}"
+            minutes = record["train_seconds"] / 60
+            took[entry["cell"]].append(minutes)
         elif (same := find_finished(entry, results_root)) is not None:
             status, detail = "reuse", same.relative_to(results_root).as_posix()
         elif (progress := _progress(entry)) is not None:
             status, detail = "resume", f"{progress} in {entry['config'].run_dir()}"
         else:
             status, detail = "to run", ""
-        rows.append({"cell": entry["cell"], "seed": entry["seed"], "status": status, "detail": detail})
+        rows.append({"cell": entry["cell"], "seed": entry["seed"], "status": status, "detail": detail,
+                     "minutes": minutes})
+    for row in rows:
+        if row["status"] in ("resume", "to run") and took[row["cell"]]:
+            row["minutes"] = statistics.fmean(took[row["cell"]])
     return rows
 
 

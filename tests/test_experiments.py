@@ -206,6 +206,8 @@ def test_status_lists_what_a_run_would_do_and_runs_nothing(tmp_path, capsys):
                for r in grid_status(dict(spec, seeds=[0, 1]), results_root=results, runs_root=runs)}
     took = record["train_seconds"] / 60
     assert minutes == {("conv", 0): took, ("conv", 1): took, ("two_phase", 0): None, ("two_phase", 1): None}
+    only_seed_1 = grid_status(dict(spec, seeds=[1]), results_root=results, runs_root=runs)
+    assert {r["cell"]: r["minutes"] for r in only_seed_1} == {"conv": took, "two_phase": None}
 
     capsys.readouterr()
     assert main(["experiment", "mini", "--config", str(grid), "--status", "--seeds", "0", "1",

@@ -338,18 +338,19 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
     """What :func:`run_experiment` would do, cell by cell, without running anything: one ``{cell, seed, status,
     detail, minutes}`` per cell x seed, status ``finished`` (detail: test top-1), ``reuse`` (a finished identical
     run of another grid), ``resume`` (detail: how far its checkpointed run got) or ``to run``. ``minutes``: the
-    training time a finished run took, and for a run still to do the mean of the same cell's finished seeds (None
-    without one), so a grid can be planned to fit a session."""
+    training time a finished run took, and for a run still to do the mean of the same cell's finished seeds in the
+    results, whichever seeds were asked for (None without one), so a grid can be planned to fit a session."""
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
     out = results_dir(spec, budget, results_root)
     rows, took = [], defaultdict(list)
+    for record in read_cells(out):
+        took[record["cell"]].append(record["train_seconds"] / 60)
     for entry in cell_configs(spec, budget, seeds, runs_root, only):
         path, minutes = _cell_record(entry, out), None
         if _is_finished(entry, path):
             record = json.loads(path.read_text())
             status, detail = "finished", f"test top-1 {record['test']['top1']:.2f}"
             minutes = record["train_seconds"] / 60
-            took[entry["cell"]].append(minutes)
         elif (same := find_finished(entry, results_root)) is not None:
             status, detail = "reuse", same.relative_to(results_root).as_posix()
         elif (progress := _progress(entry)) is not None:

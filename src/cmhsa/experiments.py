@@ -175,7 +175,9 @@ def hardware() -> Dict[str, Any]:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-SHIFT_BATCHES = 8  # shift consistency on the first 8 x 256 test images: ~1% of a cell's time
+# shift consistency on the first 8 x 256 test images: ~1% of a 7x7 cell's time; at 14x14 (196 tokens) the
+# attention model's test + shift scoring took ~17 of a mid-run cell's ~140 CPU-min
+SHIFT_BATCHES = 8
 
 
 def _test_metrics(config: RunConfig, run: Path, budget: str) -> Dict[str, Any]:

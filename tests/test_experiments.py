@@ -399,7 +399,9 @@ def test_two_standard_errors_rule():
 
 
 def _converged_cell(results: Path, label: str, n: int, seed: int, test_top1: float, curve, grid: str = "converged",
-                    img_size: int = 28) -> None:
+                    img_size: int = 28) -> Path:
+    """One cell's JSON as ``cmhsa experiment`` writes it, at this image size (P = 4, so 28 px is the 7x7 grid);
+    its path."""
     record = {"cell": f"{label}_n{n}", "label": label, "kind": "train", "seed": seed, "params": 1000,
               "train_seconds": 60.0 * len(curve), "hardware": {"cpu": "test cpu"},
               "config": {"data": {"train_subset": n, "img_size": img_size}, "train": {"batch_size": 100},
@@ -407,7 +409,9 @@ def _converged_cell(results: Path, label: str, n: int, seed: int, test_top1: flo
               "final": {"val_top1": curve[-1], "val_top5": 99.0, "val_loss": 1.0}, "test": {"top1": test_top1},
               "phases": {"train": [{"val_top1": v, "epoch_seconds": 60.0} for v in curve]}}
     (results / grid / "cells").mkdir(parents=True, exist_ok=True)
-    (results / grid / "cells" / f"{label}_n{n}__seed{seed}.json").write_text(json.dumps(record))
+    path = results / grid / "cells" / f"{label}_{img_size}px_n{n}__seed{seed}.json"
+    path.write_text(json.dumps(record))
+    return path
 
 
 def _arms(results: Path, n: int, arms: dict) -> None:
@@ -579,25 +583,43 @@ def test_report_phase2_gain_against_grid_size(tmp_path):
     assert "seed by seed" not in section  # no row converted mid-run: nothing to pair
 
 
+def _mid_run_cells(results: Path, gains: dict) -> str:
+    """Conv and mid-run cells with these per-seed gains by image size (7x7 in the converged grid, larger grids in
+    the geometry grid); the report's grid-size section."""
+    for size, by_seed in gains.items():
+        for seed, gain in enumerate(by_seed):
+            grid = "converged" if size == 28 else "converged_geometry"
+            _converged_cell(results, "Conv phase only", 1000, seed, 82.0 + seed, [80.0] * 5, grid, size)
+            _converged_cell(results, MIDRUN, 1000, seed, 82.0 + seed + gain, [80.0] * 5, grid, size)
+    report = write_report(results, configs=GRIDS).read_text()
+    return report[report.index("## Grid size"):report.index("## Table 1")]
+
+
+MIDRUN = "Two-phase, our recipe, converted mid-run"
+
+
 def test_report_pairs_the_mid_run_row_with_the_conv_row_seed_by_seed(tmp_path):
     """The mid-run row is the conv row's run until its conversion: its gain is taken per seed, and whether it grows
-    from the 7x7 to the larger grid is judged against those per-seed spreads."""
+    from grid to grid is judged against those per-seed spreads, with each grid's seed count stated."""
     results = tmp_path / "results"
-    midrun = "Two-phase, our recipe, converted mid-run"
-    for seed, lift in enumerate([0.5, 0.7, 0.6]):
-        for grid, size, gain in (("converged", 28, -0.1), ("converged_geometry", 40, lift)):
-            _converged_cell(results, "Conv phase only", 1000, seed, 82.0 + seed, [80.0] * 5, grid, size)
-            _converged_cell(results, midrun, 1000, seed, 82.0 + seed + gain, [80.0] * 5, grid, size)
-    section = write_report(results, configs=GRIDS).read_text()
-    section = section[section.index("## Grid size"):section.index("## Table 1")]
+    section = _mid_run_cells(results, {28: [-0.1] * 3, 40: [0.5, 0.7, 0.6], 56: [1.0, 1.2]})
     # unpaired, the seeds' spread of 1 point hides a 0.6-point gain; paired, it cancels
     assert "| 83.60 ± 0.61 (3) | +0.60 (±1.68) |" in section
-    assert f"- {midrun} − Conv phase only, 1000 images, 28 px, 7x7 grid: -0.10 (2 SE ±0.00, 3 seeds)" in section
-    assert f"- {midrun} − Conv phase only, 1000 images, 40 px, 10x10 grid: +0.60 (2 SE ±0.12, 3 seeds)" in section
-    assert (f"- Phase 2's gain grows with the grid ({midrun}, 1000 images, seed by seed): 28 px, 7x7 grid -0.10 → "
-            "40 px, 10x10 grid +0.60, a difference of +0.70 (2 SE ±0.12) — target met.") in section
+    assert f"- {MIDRUN} − Conv phase only, 1000 images, 28 px, 7x7 grid: -0.10 (2 SE ±0.00, 3 seeds)" in section
+    assert f"- {MIDRUN} − Conv phase only, 1000 images, 40 px, 10x10 grid: +0.60 (2 SE ±0.12, 3 seeds)" in section
+    assert f"- {MIDRUN} − Conv phase only, 1000 images, 56 px, 14x14 grid: +1.10 (2 SE ±0.20, 2 seeds)" in section
+    # steps: +0.70 against sqrt(0 + 0.12^2) = 0.12; +0.50 against sqrt(0.12^2 + 0.20^2) = 0.23
+    assert (f"- Phase 2's gain grows with the grid ({MIDRUN}, 1000 images, seed by seed): 28 px, 7x7 grid -0.10 → "
+            "40 px, 10x10 grid +0.60 → 56 px, 14x14 grid +1.10; step by step +0.70 (2 SE ±0.12); +0.50 (2 SE ±0.23); "
+            "seeds 3, 3, 2 — target met.") in section
     assert "![phase 2's gain against grid size](converged_geometry/gain_vs_grid.png)" in section
     assert (results / "converged_geometry" / "gain_vs_grid.png").exists()
+
+
+def test_report_gain_that_stops_growing_does_not_meet_the_target(tmp_path):
+    """Growth from 7x7 to 10x10 is not enough: a 14x14 gain within the noise of the 10x10 one fails the claim."""
+    section = _mid_run_cells(tmp_path / "results", {28: [-0.1] * 3, 40: [0.5, 0.7, 0.6], 56: [0.5, 0.8, 0.6]})
+    assert "step by step +0.70 (2 SE ±0.12); +0.03 (2 SE ±0.21); seeds 3, 3, 3 — target **not met**." in section
 
 
 def test_gain_figures_are_skipped_when_there_is_nothing_to_compare(tmp_path):
@@ -616,8 +638,7 @@ def test_report_converged_conversion_drop_and_shift_table(tmp_path):
     consistency get its smallest and largest shift, both fills."""
     results = tmp_path / "results"
     for seed, (before, after) in enumerate([(80.0, 79.5), (81.0, 80.8), (79.0, 77.5)]):
-        _converged_cell(results, "Two-phase, our recipe", 2000, seed, 85.0, [80.0] * 10)
-        path = results / "converged" / "cells" / f"Two-phase, our recipe_n2000__seed{seed}.json"
+        path = _converged_cell(results, "Two-phase, our recipe", 2000, seed, 85.0, [80.0] * 10)
         record = json.loads(path.read_text())
         record["transfer"] = {"val_before_conversion": {"val_top1": before}, "val_after_conversion": {"top1": after}}
         record["test"]["shift_consistency"] = {"circular": {"1": 0.9, "2": 0.8, "4": 0.7 + seed / 100},

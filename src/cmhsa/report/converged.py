@@ -376,16 +376,20 @@ def _paired_gain(arm: Dict[int, float], conv: Dict[int, float]) -> Optional[Tupl
 
 
 def _growth_with_grid(paired: Dict[Tuple[str, int], Dict[str, Tuple[float, float, int]]]) -> List[str]:
-    """The lead's claim, seed by seed: a row's gain over the conv phase on each larger grid minus its gain on the
-    smallest grid, judged against the two gains' standard errors."""
+    """The lead's claim, seed by seed, one line per row: its gain over the conv phase on each grid, smallest first.
+    Met when every grid's gain exceeds the next smaller grid's by more than the two gains' 2 SE combined."""
     lines = []
     for (arm, n), by_grid in sorted(paired.items()):
-        (small, (g0, e0, _)), *larger = by_grid.items()  # the converged grid's 7x7 comes first
-        for grid, (g1, e1, _) in larger:
-            diff, noise = g1 - g0, (e0 ** 2 + e1 ** 2) ** 0.5
-            lines.append(f"- Phase 2's gain grows with the grid ({arm}, {n} images, seed by seed): {small} "
-                         f"{g0:+.2f} → {grid} {g1:+.2f}, a difference of {diff:+.2f} (2 SE ±{noise:.2f}) — "
-                         f"{'target met' if diff > noise else 'target **not met**'}.")
+        if len(by_grid) < 2:
+            continue
+        grids = list(by_grid.items())  # the converged grid's 7x7 comes first
+        steps = [(g1 - g0, (e0 ** 2 + e1 ** 2) ** 0.5) for (_, (g0, e0, _)), (_, (g1, e1, _)) in zip(grids, grids[1:])]
+        progression = " → ".join(f"{grid} {gain:+.2f}" for grid, (gain, _, _) in grids)
+        judged = "; ".join(f"{diff:+.2f} (2 SE ±{noise:.2f})" for diff, noise in steps)
+        seeds = ", ".join(str(k) for _, (_, _, k) in grids)
+        met = all(diff > noise for diff, noise in steps)
+        lines.append(f"- Phase 2's gain grows with the grid ({arm}, {n} images, seed by seed): {progression}; "
+                     f"step by step {judged}; seeds {seeds} — {'target met' if met else 'target **not met**'}.")
     return lines
 
 

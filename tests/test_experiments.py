@@ -612,6 +612,9 @@ def test_report_pairs_the_mid_run_row_with_the_conv_row_seed_by_seed(tmp_path):
     assert (f"- Phase 2's gain grows with the grid ({MIDRUN}, 1000 images, seed by seed): 28 px, 7x7 grid -0.10 → "
             "40 px, 10x10 grid +0.60 → 56 px, 14x14 grid +1.10; step by step +0.70 (2 SE ±0.12); +0.50 (2 SE ±0.23); "
             "seeds 3, 3, 2 — target met.") in section
+    assert (f"- The second phase adds to the first on the largest grid ({MIDRUN}, 1000 images, 56 px, 14x14 grid, seed "
+            "by seed): +1.10 (2 SE ±0.20, 2 seeds), +2.62 in the paper (CIFAR-100, 14x14) — **agrees** with the paper.") \
+        in section
     assert "![phase 2's gain against grid size](converged_geometry/gain_vs_grid.png)" in section
     assert (results / "converged_geometry" / "gain_vs_grid.png").exists()
 
@@ -620,6 +623,8 @@ def test_report_gain_that_stops_growing_does_not_meet_the_target(tmp_path):
     """Growth from 7x7 to 10x10 is not enough: a 14x14 gain within the noise of the 10x10 one fails the claim."""
     section = _mid_run_cells(tmp_path / "results", {28: [-0.1] * 3, 40: [0.5, 0.7, 0.6], 56: [0.5, 0.8, 0.6]})
     assert "step by step +0.70 (2 SE ±0.12); +0.03 (2 SE ±0.21); seeds 3, 3, 3 — target **not met**." in section
+    assert "14x14 grid, seed by seed): +0.63 (2 SE ±0.18, 3 seeds), +2.62 in the paper (CIFAR-100, 14x14) — **agrees**" \
+        in section
 
 
 def test_gain_figures_are_skipped_when_there_is_nothing_to_compare(tmp_path):

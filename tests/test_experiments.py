@@ -585,6 +585,9 @@ def test_report_phase2_gain_against_grid_size(tmp_path):
     assert "seed by seed" not in section  # no row converted mid-run: nothing to pair
 
 
+MIDRUN = "Two-phase, our recipe, converted mid-run"
+
+
 def _mid_run_cells(results: Path, gains: dict) -> str:
     """Conv and mid-run cells with these per-seed gains by image size (7x7 in the converged grid, larger grids in
     the geometry grid); the report's grid-size section."""
@@ -595,9 +598,6 @@ def _mid_run_cells(results: Path, gains: dict) -> str:
             _converged_cell(results, MIDRUN, 1000, seed, 82.0 + seed + gain, [80.0] * 5, grid, size)
     report = write_report(results, configs=GRIDS).read_text()
     return report[report.index("## Grid size"):report.index("## Table 1")]
-
-
-MIDRUN = "Two-phase, our recipe, converted mid-run"
 
 
 def test_report_pairs_the_mid_run_row_with_the_conv_row_seed_by_seed(tmp_path):

@@ -40,6 +40,13 @@ def test_mimetic_differs_from_default_init_and_follows_the_seed():
     assert a(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
+def test_mimetic_builds_without_timm_warning(caplog):
+    """timm warns at every build of a model registered without a default config; users see it in every run's log."""
+    with caplog.at_level("WARNING", logger="timm"):
+        timm.create_model("vit_mimetic", **VIT)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
 def test_mimetic_rejects_non_square_attention():
     vit = timm.create_model("vit_base_patch16_224", **{**VIT, "embed_dim": 64})
     vit.blocks[0].attn.proj = torch.nn.Linear(32, 64)

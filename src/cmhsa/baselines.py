@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 __all__ = ["mimetic_init_", "vit_mimetic"]
@@ -57,6 +57,12 @@ def mimetic_init_(model: VisionTransformer, qk: Tuple[float, float] = (0.7, 0.7)
             if linear.bias is not None:
                 linear.bias.zero_()
     return model
+
+
+# timm reads a model's default config from its module when it registers it; without one it warns at every build
+default_cfgs = generate_default_cfgs({"vit_mimetic": {
+    "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9, "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "first_conv": "patch_embed.proj", "classifier": "head"}})
 
 
 @register_model

@@ -6,7 +6,7 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import matplotlib.pyplot as plt
 
@@ -99,12 +99,14 @@ CONVERGED_CLAIMS = [
 ]
 
 
-def _converged_claims(test: Dict[str, Dict[int, List[float]]]) -> List[str]:
+def _converged_claims(test: Dict[str, Dict[int, List[float]]], planned: Set[Tuple[str, int]]) -> List[str]:
+    """One verdict line per claim whose arms both have runs. ``planned``: the grid's (row label, size) cells, so a
+    target is not called met while a size the grid runs for both arms has no spread yet."""
     lines = []
     for a, b, sizes, text, kind, least in CONVERGED_CLAIMS:
         if a not in test or b not in test:
             continue
-        parts, judged = [], []
+        parts, judged = [], {}
         for n in sorted(set(test[a]) & set(test[b])):
             if sizes and n not in sizes:
                 continue
@@ -112,20 +114,26 @@ def _converged_claims(test: Dict[str, Dict[int, List[float]]]) -> List[str]:
             noise = two_standard_errors(test[a][n], test[b][n])
             parts.append(f"{n}: {gap:+.2f}" + (f" (2 SE ±{noise:.2f})" if noise is not None else " (one seed)"))
             # a paper claim is judged by sign; a target is met when the gap exceeds its margin by 2 SE
-            judged.append(None if noise is None else _judge(gap, noise, +1) if kind == "paper" else gap - least > noise)
+            judged[n] = None if noise is None else _judge(gap, noise, +1) if kind == "paper" else gap - least > noise
         if not parts:
             continue
+        verdicts = {n: v for n, v in judged.items() if v is not None}
         if kind == "paper":
-            verdicts = [v for v in judged if v is not None]
             verdict = ("one seed so far: no spread to judge against" if not verdicts else
-                       "**agrees** with the paper" if all(v == "agrees" for v in verdicts) else
-                       "**disagrees** with the paper" if any(v == "disagrees" for v in verdicts) else
+                       "**agrees** with the paper" if all(v == "agrees" for v in verdicts.values()) else
+                       "**disagrees** with the paper" if "disagrees" in verdicts.values() else
                        "**inconclusive**: within the noise at " + ", ".join(
-                           str(n) for n, v in zip(sorted(test[a]), judged) if v == "inconclusive") + " images")
+                           str(n) for n, v in verdicts.items() if v == "inconclusive") + " images")
         else:
-            met = [v for v in judged if v is not None]
-            verdict = ("not judged yet (one seed)" if not met else "target met" if all(met) else
-                       "target **not met**" if not any(met) else "target met at some sizes only")
+            pending = [n for n in sorted({n for label, n in planned if label == a} & {n for label, n in planned
+                                                                                    if label == b})
+                       if (not sizes or n in sizes) and n not in verdicts]
+            verdict = ("not judged yet (one seed)" if not verdicts else
+                       "target **not met**" if not any(verdicts.values()) else
+                       "target met at some sizes only" if not all(verdicts.values()) else
+                       "target met" if not pending else
+                       f"target met at {', '.join(map(str, verdicts))} images; not judged yet at "
+                       f"{', '.join(map(str, pending))}")
         lines.append(f"- {text}: {a} − {b}, test top-1 by training-set size: {', '.join(parts)} — {verdict}.")
     best = test.get(OURS, {}).get(6000)
     if best:
@@ -325,6 +333,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
     if not cells:
         return None if pilot is None else "\n".join(["![budget pilot](converged_budget.png)", "", pilot])
     labels = list(dict.fromkeys([c.get("label", c["name"]) for c in spec["cells"]] + [c["label"] for c in cells]))
+    planned = {(c.get("label", c["name"]), c["train_size"]) for c in spec["cells"] if "train_size" in c}
     test: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
     gains: Dict[str, List[float]] = defaultdict(list)
     for c in cells:
@@ -355,7 +364,7 @@ def _converged(grid: Path, budget_grid: Path, config: Path) -> Optional[str]:
         "20% of training among a row's runs (⚠: not plateaued by the 1-point rule).", "", *rows, "",
         _plateau_claim(gains, labels), "",
         *([f"![each row against the conv phase alone]({grid.name}/gains.png)", ""] if gains_plot else []),
-        *_converged_claims(test), *_control_split(test), "", *_conversion_drops(cells, labels), "", *_equal_wall_clock(cells, labels, middle),
+        *_converged_claims(test, planned), *_control_split(test), "", *_conversion_drops(cells, labels), "", *_equal_wall_clock(cells, labels, middle),
         *_shift_table(cells, labels, middle),
         f"![accuracy against wall-clock]({grid.name}/wall_clock.png) ![Table 1 bars]({grid.name}/table1_bars.png)",
         "", *(["![budget pilot](converged_budget.png)", "", pilot] if pilot else []),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import gzip
 import io
-import pickle
 import random
 import struct
 import tarfile

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmhsa import CMHSA, FactorizedRelPosMHSA, RelPosMHSA, TiedRelPosMHSA, convert_form, convert_model
+from cmhsa import CMHSA, FactorizedRelPosMHSA, RelPosMHSA, convert_form, convert_model
 from cmhsa.convert import conv_to_mhsa, same_padding_geometry
 from cmhsa.tied import ConvTiedValues
 from cmhsa.tokens import image_to_tokens, tokens_to_image

@@ -6,13 +6,16 @@ import collections
 import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import timm
 import torch
 import torch.nn as nn
 
 from . import __version__
+
+if TYPE_CHECKING:  # for annotations only: each command imports its modules where it runs
+    from .rundir import PhaseDir
 
 __all__ = ["main", "build_parser"]
 
@@ -212,7 +215,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_converted(out: Path, model: nn.Module, spec: dict, record: dict) -> "PhaseDir":
+def _write_converted(out: Path, model: nn.Module, spec: dict, record: dict) -> PhaseDir:
     """Write a converted model as `cmhsa eval` loads it: ``model.safetensors`` (float32) and ``model.json`` (its
     spec), with ``record`` and the code's git state in ``convert.json``."""
     from safetensors.torch import save_file

@@ -21,7 +21,7 @@ import torch.nn as nn
 from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
 from .local_attention import LocalRelPosMHSA
 from .checks import check_bool, check_int, check_real
-from .tokens import IntOrPair, image_to_tokens, to_pair
+from .tokens import IntOrPair, to_pair
 
 __all__ = [
     "ConvGeometry", "conv_geometry", "same_padding_geometry", "conv_blocks", "required_heads", "conv_to_mhsa",

@@ -21,7 +21,6 @@ import math
 from typing import Optional, Union
 
 import torch
-import torch.nn as nn
 
 from .attention import FactorizedRelPosMHSA, RelPosAttention, RelPosMHSA
 from .models import CMHSA

@@ -9,7 +9,6 @@ offset and ``padding_mode='circular'`` makes the mixers circular: together the m
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import inspect
 from dataclasses import replace

@@ -263,7 +263,7 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     """
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
-    phase1, phase2 = run.phase("phase1").root, run.phase("phase2").root
+    phase2 = run.phase("phase2").root
     found: Dict[int, Dict[str, Any]] = {}
     spec2 = run.phase("phase2").read_spec() if run.phase("phase2").spec_path.exists() else None
 

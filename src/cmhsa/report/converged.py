@@ -125,9 +125,8 @@ def _converged_claims(test: Dict[str, Dict[int, List[float]]], planned: Set[Tupl
                        "**inconclusive**: within the noise at " + ", ".join(
                            str(n) for n, v in verdicts.items() if v == "inconclusive") + " images")
         else:
-            pending = [n for n in sorted({n for label, n in planned if label == a} & {n for label, n in planned
-                                                                                    if label == b})
-                       if (not sizes or n in sizes) and n not in verdicts]
+            both = {n for label, n in planned if label == a} & {n for label, n in planned if label == b}
+            pending = [n for n in sorted(both) if (not sizes or n in sizes) and n not in verdicts]
             verdict = ("not judged yet (one seed)" if not verdicts else
                        "target **not met**" if not any(verdicts.values()) else
                        "target met at some sizes only" if not all(verdicts.values()) else

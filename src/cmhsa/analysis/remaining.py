@@ -263,9 +263,10 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     """
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
-    phase2 = run.phase("phase2").root
+    phase2_dir = run.phase("phase2")
+    phase2 = phase2_dir.root
     found: Dict[int, Dict[str, Any]] = {}
-    spec2 = run.phase("phase2").read_spec() if run.phase("phase2").spec_path.exists() else None
+    spec2 = phase2_dir.read_spec() if phase2_dir.spec_path.exists() else None
 
     last1 = run.phase("phase1").last
     if (last1 / MODEL_FILE).is_file():

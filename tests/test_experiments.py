@@ -200,6 +200,10 @@ def test_status_lists_what_a_run_would_do_and_runs_nothing(tmp_path, capsys):
     assert status(other) == {("same_as_conv", 0): ("reuse", "mini/cells/conv__seed0.json")}
     changed = dict(spec, cells=[dict(spec["cells"][0], overrides=[*spec["cells"][0]["overrides"], "phase1.lr=1e-4"])])
     assert status(changed) == {("conv", 0): ("to run", "")}  # a changed config is not the finished cell
+    del record["test"]  # as in a record written before cells were scored on the test set
+    (results / "mini/cells/conv__seed0.json").write_text(json.dumps(record))
+    assert status(spec)[("conv", 0)] == \
+        ("finished", f"val top-1 {record['final']['val_top1']:.2f} (no test score in this record)")
 
     # how long the runs left should take: what the same cell's finished seeds took, where there is one
     minutes = {(r["cell"], r["seed"]): r["minutes"]

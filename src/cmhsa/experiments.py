@@ -334,6 +334,14 @@ def _progress(entry: Dict[str, Any]) -> Optional[str]:
     return f"{phase} epoch {lines[-1]['epoch'] + 1}/{total}"
 
 
+def _score(record: Dict[str, Any]) -> str:
+    """A finished cell's headline number: its test-set top-1, or for a record written before cells were scored on
+    the test set, its last validation top-1."""
+    if "test" in record:
+        return f"test top-1 {record['test']['top1']:.2f}"
+    return f"val top-1 {record['final']['val_top1']:.2f} (no test score in this record)"
+
+
 def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iterable[int]] = None,
                 results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
                 only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
@@ -351,7 +359,7 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
         path, minutes = _cell_record(entry, out), None
         if _is_finished(entry, path):
             record = json.loads(path.read_text())
-            status, detail = "finished", f"test top-1 {record['test']['top1']:.2f}"
+            status, detail = "finished", _score(record)
             minutes = record["train_seconds"] / 60
         elif (same := find_finished(entry, results_root)) is not None:
             status, detail = "reuse", same.relative_to(results_root).as_posix()

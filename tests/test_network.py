@@ -170,6 +170,16 @@ def test_wrong_input_size_and_bad_arguments_raise():
         convert_network(net)
     with pytest.raises(ValueError, match="form"):
         convert_network(net, form="nonsense", img_size=24)
+    with pytest.raises(ValueError, match="img_size must be an int or a pair of ints with each >= 1, got 0"):
+        convert_network(net, img_size=0)
+
+
+def test_an_input_the_model_cannot_take_is_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"SmallNet cannot run on a sample input of shape \(1, 5, 24, 24\): .*channels"):
+        convert_network(SmallNet().double(), sample_input=torch.zeros(1, 5, 24, 24, dtype=torch.float64))
+    code = main(["convert-net", "--model", "resnet18", "--img-size", "0", "--out", str(tmp_path / "x")])
+    assert code == 2 and "img_size must be an int or a pair of ints with each >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_layer_selection_and_sample_input():

@@ -97,6 +97,9 @@ def _input_sizes(model: nn.Module, sample: torch.Tensor) -> Dict[str, List[Tuple
     try:
         with torch.no_grad():
             model.eval()(sample)
+    except RuntimeError as e:  # e.g. an input smaller than a kernel: say which input, not just the op that failed
+        raise ValueError(f"{type(model).__name__} cannot run on a sample input of shape {tuple(sample.shape)}: "
+                         f"{e}; pass an img_size (--img-size) and in_chans the model accepts") from None
     finally:
         model.train(was_training)
         for h in hooks:
@@ -217,6 +220,9 @@ def _layer_errors(model: nn.Module, originals: Dict[str, nn.Conv2d], sample: tor
     try:
         with torch.no_grad():
             model.eval()(sample)
+    except RuntimeError as e:  # e.g. an input smaller than a kernel: say which input, not just the op that failed
+        raise ValueError(f"{type(model).__name__} cannot run on a sample input of shape {tuple(sample.shape)}: "
+                         f"{e}; pass an img_size (--img-size) and in_chans the model accepts") from None
     finally:
         for h in hooks:
             h.remove()
@@ -270,7 +276,7 @@ def convert_network(
                              f"convolutions are named like {names[:3]} ... {names[-2:]}")
     kw = dict(bias_strength=bias_strength, qk_std=qk_std, form=form)
     if sample_input is None:
-        H, W = to_pair(img_size, "img_size")
+        H, W = to_pair(img_size, "img_size", minimum=1)
         chans = in_chans or next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         generator = torch.Generator().manual_seed(0)
         sample_input = torch.randn(1, chans, H, W, generator=generator)

@@ -94,6 +94,8 @@ CONVERGED_CLAIMS = [
      "Two-phase CMHSA beats a small timm CNN, what a user would pick instead", "target", 0.0),
     (OURS, "Attention from scratch", None,
      "Convolutional initialisation beats training the attention model from scratch", "paper", 0.0),
+    (OURS, "ViT, mimetic init", None, "Convolutional initialisation beats mimetic initialisation (a ViT whose "
+     "attention starts near the identity, with no conv phase)", "target", 0.0),
     (OURS, "Structure only (conv attention pattern, random filters)", None,
      "The gain comes from the trained filters, not only from the local attention pattern", "target", 0.0),
 ]

@@ -220,9 +220,6 @@ def _layer_errors(model: nn.Module, originals: Dict[str, nn.Conv2d], sample: tor
     try:
         with torch.no_grad():
             model.eval()(sample)
-    except RuntimeError as e:  # e.g. an input smaller than a kernel: say which input, not just the op that failed
-        raise ValueError(f"{type(model).__name__} cannot run on a sample input of shape {tuple(sample.shape)}: "
-                         f"{e}; pass an img_size (--img-size) and in_chans the model accepts") from None
     finally:
         for h in hooks:
             h.remove()

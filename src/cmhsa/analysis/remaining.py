@@ -263,10 +263,9 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
     """
     run_dir = Path(run_dir)
     run = RunDir(run_dir)
-    phase2_dir = run.phase("phase2")
-    phase2 = phase2_dir.root
+    phase2 = run.phase("phase2")
     found: Dict[int, Dict[str, Any]] = {}
-    spec2 = phase2_dir.read_spec() if phase2_dir.spec_path.exists() else None
+    spec2 = phase2.read_spec() if phase2.spec_path.exists() else None
 
     last1 = run.phase("phase1").last
     if (last1 / MODEL_FILE).is_file():
@@ -280,8 +279,8 @@ def remaining_convolution_over_checkpoints(run_dir: Union[str, Path], data: Opti
             kw = dict(bias_strength=DEFAULT_BIAS_STRENGTH, null_key=True)
         found[0] = dict(dirs=[last1], metrics=None, load=lambda kw=kw: _converted(last1, kw),
                         names=["phase1/last (converted)"])
-    if phase2.is_dir():
-        for d in sorted(p for p in phase2.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    if phase2.root.is_dir():
+        for d in sorted(p for p in phase2.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not ((d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file()):
                 continue
             info = read_checkpoint_info(d)

@@ -677,7 +677,7 @@ def test_config_validation():
     assert TrainConfig(opt="lookahead_adamw").opt == "lookahead_adamw"
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match="warmup_epochs must be in"):
+    with pytest.raises(ValueError, match=r"warmup_epochs must be in \[0, epochs=2\), got 2: lower warmup_epochs"):
         TrainConfig(epochs=2, warmup_epochs=2)
 
 

@@ -127,7 +127,8 @@ def test_bad_arguments():
             tiny(mixer="attn", form=form, head_dim=8)
     with pytest.raises(ValueError, match="pixel_dim"):
         tiny(pixel_dim=None)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match=r"not divisible by patch_size \(4, 4\): use an img_size that is a multiple "
+                                         r"of it \(e.g. 12 or 16"):
         tiny(img_size=14)
     with pytest.raises(ValueError, match="img_size"):
         tiny()(torch.randn(1, 1, 16, 16))

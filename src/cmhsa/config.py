@@ -144,7 +144,8 @@ class TrainConfig:
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
                 raise ValueError(f"lr_scale[{pattern!r}] must be a number >= 0 (a multiplier of lr), got {scale!r}")
         if not self.warmup_epochs < self.total_epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs={self.total_epochs}), got {self.warmup_epochs}")
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.total_epochs}), got {self.warmup_epochs}: "
+                             f"lower warmup_epochs (0 switches warm-up off) or raise epochs")
         if self.first_epoch + self.epochs > self.total_epochs:
             raise ValueError(f"epochs {self.first_epoch}..{self.first_epoch + self.epochs - 1} run past the schedule's "
                              f"{self.total_epochs} epochs")

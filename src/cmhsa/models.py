@@ -50,7 +50,11 @@ class PatchEmbed(nn.Module):
         self.patch_size = to_pair(patch_size, "patch_size")
         for a in (0, 1):
             if self.img_size[a] % self.patch_size[a]:
-                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+                fits = [self.img_size[a] // self.patch_size[a] * self.patch_size[a],
+                        (self.img_size[a] // self.patch_size[a] + 1) * self.patch_size[a]]
+                raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: use an "
+                                 f"img_size that is a multiple of it (e.g. {' or '.join(map(str, filter(None, fits)))}; "
+                                 f"data.img_size resizes or pads the images to it) or another patch_size")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.anchor = PolyphaseAnchor(self.patch_size) if anchor == "aps" else nn.Identity()

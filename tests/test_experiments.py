@@ -316,6 +316,15 @@ def test_report_ablations_with_phase2_analysis(tmp_path):
     assert "0.1" in (results / "ablations" / "summary.csv").read_text().splitlines()[1].split(",")[-1]
 
 
+def test_report_of_an_empty_results_root_is_an_error(tmp_path):
+    (tmp_path / "results").mkdir()
+    with pytest.raises(FileNotFoundError, match="no results to report for the full budget.*run `cmhsa experiment"):
+        write_report(tmp_path / "results", configs=GRIDS)
+    (tmp_path / "results" / "ablations-quick" / "cells").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="it holds quick-budget grids: add --budget quick"):
+        write_report(tmp_path / "results", configs=GRIDS)
+
+
 def test_experiment_cli_quick_budget(tmp_path, capsys):
     """`cmhsa experiment <grid> --budget quick` end to end on the shipped ablations grid (minutes, tiny sizes)."""
     args = ["experiment", "ablations", "--budget", "quick", "--cells", "beta60_nonull",
@@ -323,6 +332,11 @@ def test_experiment_cli_quick_budget(tmp_path, capsys):
     assert main(args) == 0
     cell = json.loads(next((tmp_path / "results").glob("ablations-quick/cells/*.json")).read_text())
     assert cell["test"]["images"] == 100  # a smoke test scores its 100 validation images, not the 10k test split
+    capsys.readouterr()
+    # the default (full) budget finds nothing here: an error that names the budget that is there, not an empty report
+    assert main(["report", str(tmp_path / "results"), "--configs", str(GRIDS)]) == 2
+    assert "holds no results to report for the full budget" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "REPORT.md").exists()
     assert main(["report", str(tmp_path / "results"), "--budget", "quick", "--configs", str(GRIDS)]) == 0
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "beta = 60, no null key (paper)" in report

@@ -110,6 +110,22 @@ def _short_title(title: str) -> str:
     return head + ")" if head.count("(") > head.count(")") else head
 
 
+def _nothing_to_report(results: Path, budget: str) -> str:
+    """Why a results root gives an empty report, and the fix: usually another budget's grids (a quick run) or the
+    wrong directory."""
+    budgets = set()
+    for cells in results.glob("*/cells"):
+        grid, _, suffix = cells.parent.name.partition("-")
+        if grid in COMMANDS:
+            budgets.add(suffix or "full")
+    others = sorted(budgets - {budget})
+    hint = (f"it holds {' and '.join(others)}-budget grids: add --budget {others[0]}" if others else
+            "pass the results root the grids wrote to (cmhsa experiment --results), or run `cmhsa experiment <name>` "
+            "first")
+    return (f"{results} holds no results to report for the {budget} budget (no {grid_dir(results, '<grid>', budget)}"
+            f"/cells/*.json, no analysis/): {hint}")
+
+
 def write_report(results: str | Path = "results", budget: str = "full",
                  configs: str | Path = "configs/experiments") -> Path:
     """Write ``results/REPORT.md`` (and the figures and summary CSVs) from what ``results/`` holds."""
@@ -135,6 +151,8 @@ def write_report(results: str | Path = "results", budget: str = "full",
         ("Analysis: shift equivariance and local attention (short budget)",
          "python benchmarks/shift_experiment.py --seeds 0 1 2", _shift(results)),
     ]
+    if all(body is None for _, _, body in sections):
+        raise FileNotFoundError(_nothing_to_report(results, budget))
     out = ["# cmhsa: results", "",
            "Li et al., *Can Vision Transformers Perform Convolution?* (2021), measured on data this machine has: "
            "Fashion-MNIST low-data subsets on a 2-core CPU, beside the paper's CIFAR-100 numbers. Every number "

@@ -70,6 +70,28 @@ def _accuracy(model: nn.Module, batches: List[Tuple[torch.Tensor, Any]]) -> Opti
     return 100.0 * correct / max(total, 1)
 
 
+def _default_out_dir(info: Dict[str, Any]) -> Path:
+    """Where analyze writes for a loaded checkpoint: ``<run>/analysis`` for a run dir, ``<ckpt>/analysis`` for a
+    ``cmhsa convert`` output, else ``<phase>/analysis-<last|best>``."""
+    if info["checkpoint"] is None:
+        raise ValueError("analyze(model) needs out_dir=... to write analysis.json and the plots")
+    ckpt, path = Path(info["checkpoint"]), Path(info["path"])
+    if RunDir(path).config_path.exists():
+        return path / "analysis"
+    if PhaseDir(ckpt).spec_path.exists():  # weights beside model.json (`cmhsa convert` output)
+        return ckpt / "analysis"
+    # beside, never inside, the checkpoint: save_checkpoint refuses to replace a dir with foreign files
+    return ckpt.parent / f"analysis-{ckpt.name}"
+
+
+def _has_attention(model: nn.Module) -> bool:
+    try:
+        attention_layers(model)
+    except ValueError:
+        return False
+    return True
+
+
 def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Module, None] = None, *,
             dataset: Optional[str] = None, data_dir: Optional[str] = None, img_size: Any = None,
             max_batches: int = 4, batch_size: int = 64, which: str = "last",
@@ -90,18 +112,7 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
     ``checkpoints``: phase-2 epochs). Returns the JSON content as a dict, plus ``'files'``.
     """
     model, info = _load(source, which)
-    if out_dir is None:
-        if info["checkpoint"] is None:
-            raise ValueError("analyze(model) needs out_dir=... to write analysis.json and the plots")
-        ckpt, path = Path(info["checkpoint"]), Path(info["path"])
-        if RunDir(path).config_path.exists():
-            out_dir = path / "analysis"
-        elif PhaseDir(ckpt).spec_path.exists():  # weights beside model.json (`cmhsa convert` output)
-            out_dir = ckpt / "analysis"
-        else:
-            # beside, never inside, the checkpoint: save_checkpoint refuses to replace a dir with foreign files
-            out_dir = ckpt.parent / f"analysis-{ckpt.name}"
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(info)
 
     if loader is None:
         if info["config"] is None and dataset is None and info["checkpoint"] is None:
@@ -121,12 +132,7 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
     files: List[Path] = []
     title = info["name"]
 
-    try:
-        attention_layers(model)
-        has_attention = True
-    except ValueError:
-        has_attention = False
-    if has_attention:
+    if _has_attention(model):
         dist = attention_distance(model, batches)
         result["attention_distance"] = dist
         files.append(plot_attention_distance(dist, out_dir / "attention_distance.png", title=f"{title}: attention "

@@ -439,6 +439,18 @@ def _arms(results: Path, n: int, arms: dict) -> None:
             _converged_cell(results, label, n, seed, top1, [80.0] * 20)
 
 
+def test_report_says_what_the_budget_pilot_gained_past_the_grids_budget(tmp_path):
+    """The pilot runs longer than the grid's step budget: the report gives what its curves added past that step."""
+    results = tmp_path / "results"
+    # 100 steps per epoch (10,000 images, batch 100): 60 epochs = 6000 steps; the grid's budget of 4000 is epoch 40
+    curve = [70.0] * 38 + [80.0] * 2 + [85.0] * 20
+    _converged_cell(results, "Conv phase only", 10000, 0, 85.0, curve, grid="converged_budget")
+    report = write_report(results, configs=GRIDS).read_text()
+    # window of 3 evaluations: the end (85) minus epochs 38-40 (70, 80, 80)
+    assert "past step 4000 the pilot's curves still added Conv phase only +8.33 (val top-1)" in report
+    assert (results / "converged_budget.png").exists()
+
+
 def test_trajectory_skips_unevaluated_epochs_but_counts_their_steps_and_time():
     from cmhsa.report.converged import _trajectory
     lines = [{"epoch_seconds": 10.0, **({"val_top1": 50.0 + e} if e % 2 else {})} for e in range(6)]  # eval_every=2

@@ -32,13 +32,25 @@ def _trajectory(cell: dict) -> Tuple[List[int], List[float], List[float]]:
     return steps, top1, seconds
 
 
+def _window(top1: List[float]) -> int:
+    """Evaluations averaged for one point of a curve: 5% of them, at least one, so one noisy evaluation does not
+    decide a comparison."""
+    return max(1, round(0.05 * len(top1)))
+
+
 def plateau_gain(top1: List[float]) -> float:
     """What the last 20% of training added to val top-1: the mean of the last 5% of epochs minus the mean of the
-    5% that end at 80% (windows of at least one epoch, so one noisy evaluation does not decide it)."""
-    epochs = len(top1)
-    window = max(1, round(0.05 * epochs))
-    at80 = max(window, math.ceil(0.8 * epochs))
+    5% that end at 80%."""
+    window = _window(top1)
+    at80 = max(window, math.ceil(0.8 * len(top1)))
     return statistics.fmean(top1[-window:]) - statistics.fmean(top1[at80 - window:at80])
+
+
+def _gain_after(steps: List[int], top1: List[float], step: int) -> float:
+    """What a curve added after optimizer step ``step``: its end minus its value there (both as in plateau_gain)."""
+    window = _window(top1)
+    at = max(window, sum(s <= step for s in steps))
+    return statistics.fmean(top1[-window:]) - statistics.fmean(top1[at - window:at])
 
 
 def _plateau_claim(gains: Dict[str, List[float]], labels: List[str]) -> str:
@@ -172,11 +184,13 @@ def _budget_figure(budget_grid: Path, steps: Optional[int], out: Path) -> Option
     if not cells:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    rows = []
+    rows, after_budget = [], []
     for i, c in enumerate(cells):
         x, y, _ = _trajectory(c)
         ax.plot(x, y, color=f"C{i}", label=c["label"])
         rows.append(f"{c['label']}: {y[-1]:.2f} after {x[-1]} steps, the last 20% added {plateau_gain(y):+.2f}")
+        if steps and steps < x[-1]:
+            after_budget.append(f"{c['label']} {_gain_after(x, y, steps):+.2f}")
     if steps:
         ax.axvline(steps, color="k", ls=":", label=f"budget: {steps} steps")
     ax.set(xlabel="optimizer steps", ylabel="val top-1 (%)", title="Pilot: how long until the curves flatten")
@@ -185,7 +199,14 @@ def _budget_figure(budget_grid: Path, steps: Optional[int], out: Path) -> Option
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
-    return "Pilot (2,000 images, one seed, `configs/experiments/converged_budget.yaml`): " + "; ".join(rows) + "."
+    text = "Pilot (2,000 images, one seed, `configs/experiments/converged_budget.yaml`): " + "; ".join(rows) + "."
+    if after_budget:
+        # the grid's budget is shorter than the pilot's run: say what the pilot gained past it
+        text += (f" The grid's budget of {steps} steps is shorter than the pilot's run, to fit its runs into the "
+                 f"compute; past step {steps} the pilot's curves still added {', '.join(after_budget)} (val top-1). "
+                 f"That bounds what more steps would add from above: a {steps}-step schedule has annealed its lr by "
+                 f"then, where the pilot's was still high.")
+    return text
 
 
 def _wall_clock_figure(cells: List[dict], size: int, out: Path) -> None:

@@ -86,6 +86,10 @@ def test_eval_and_convert_commands(run, capsys, tmp_path):
     assert conv["logits_error"] <= 1e-8 and conv["git"] == git_state()
     model, spec, _ = load_model(tmp_path / "conv")
     assert spec["class"] == "CMHSA" and spec["kwargs"] == model.config and model.config["mixer"] == "attn"
+    # an attention-phase checkpoint has no convolution to convert: the error says which directory to pass
+    assert main(["convert", str(out / "phase2"), "--out", str(tmp_path / "again")]) == 2
+    assert "pass a phase-1 directory (runs/<name>/phase1)" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
 
 
 def test_keep_conv_control_trains_the_conv_model_on_through_phase_2(tmp_path):

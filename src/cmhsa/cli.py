@@ -239,7 +239,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
     if not isinstance(model, CMHSA) or model.config["mixer"] != "conv":
-        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec_label(spec)})")
+        raise ValueError(f"{ckpt} is not a CMHSA convolution-phase checkpoint ({spec_label(spec)}): pass a phase-1 "
+                         f"directory (runs/<name>/phase1); any other CNN converts with `cmhsa convert-net`")
     model = model.double().eval()
     attn = convert_model(model, bias_strength=args.bias_strength, null_key=not args.no_null_key, form=args.form,
                          qk_dim=args.qk_dim)

@@ -32,25 +32,17 @@ def _trajectory(cell: dict) -> Tuple[List[int], List[float], List[float]]:
     return steps, top1, seconds
 
 
-def _window(top1: List[float]) -> int:
-    """Evaluations averaged for one point of a curve: 5% of them, at least one, so one noisy evaluation does not
-    decide a comparison."""
-    return max(1, round(0.05 * len(top1)))
+def _gain_since(top1: List[float], at: int) -> float:
+    """What a curve of val top-1 added after its first ``at`` evaluations: the mean of its last 5% minus the mean of
+    the 5% that end there (windows of at least one evaluation, so one noisy evaluation does not decide it)."""
+    window = max(1, round(0.05 * len(top1)))
+    at = max(window, at)
+    return statistics.fmean(top1[-window:]) - statistics.fmean(top1[at - window:at])
 
 
 def plateau_gain(top1: List[float]) -> float:
-    """What the last 20% of training added to val top-1: the mean of the last 5% of epochs minus the mean of the
-    5% that end at 80%."""
-    window = _window(top1)
-    at80 = max(window, math.ceil(0.8 * len(top1)))
-    return statistics.fmean(top1[-window:]) - statistics.fmean(top1[at80 - window:at80])
-
-
-def _gain_after(steps: List[int], top1: List[float], step: int) -> float:
-    """What a curve added after optimizer step ``step``: its end minus its value there (both as in plateau_gain)."""
-    window = _window(top1)
-    at = max(window, sum(s <= step for s in steps))
-    return statistics.fmean(top1[-window:]) - statistics.fmean(top1[at - window:at])
+    """What the last 20% of training added to val top-1 (as in :func:`_gain_since`)."""
+    return _gain_since(top1, math.ceil(0.8 * len(top1)))
 
 
 def _plateau_claim(gains: Dict[str, List[float]], labels: List[str]) -> str:
@@ -190,7 +182,7 @@ def _budget_figure(budget_grid: Path, steps: Optional[int], out: Path) -> Option
         ax.plot(x, y, color=f"C{i}", label=c["label"])
         rows.append(f"{c['label']}: {y[-1]:.2f} after {x[-1]} steps, the last 20% added {plateau_gain(y):+.2f}")
         if steps and steps < x[-1]:
-            after_budget.append(f"{c['label']} {_gain_after(x, y, steps):+.2f}")
+            after_budget.append(f"{c['label']} {_gain_since(y, sum(s <= steps for s in x)):+.2f}")
     if steps:
         ax.axvline(steps, color="k", ls=":", label=f"budget: {steps} steps")
     ax.set(xlabel="optimizer steps", ylabel="val top-1 (%)", title="Pilot: how long until the curves flatten")

@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 run: setup
-	$(VENV)/bin/cmhsa pipeline --config configs/fmnist_tiny.yaml
+	$(VENV)/bin/cmhsa pipeline --config configs/fmnist_tiny_midrun.yaml
 
 verify: setup
 	$(VENV)/bin/cmhsa verify --kernel-size 5 --patch-size 16 --in-chans 3 --out-chans 3 --image-size 224

@@ -34,7 +34,7 @@ from cmhsa.rundir import PhaseDir, RunDir
 CNN = {"name": "resnet18", "kwargs": {"in_chans": 1, "num_classes": 10, "channels": [16, 32, 64, 128],
                                       "stem_width": 16, "output_stride": 16}}
 LAYERS = "layer4.*"
-CONVERT = {"bias_strength": 60.0, "qk_std": 0.02}  # the pipeline's phase-2 conversion (configs/fmnist_tiny.yaml)
+CONVERT = {"bias_strength": 60.0, "qk_std": 0.02}  # the exact conversion of configs/fmnist_tiny.yaml
 
 
 def settings(args) -> RunConfig:

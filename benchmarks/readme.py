@@ -136,7 +136,7 @@ def _file_block(path: Path, keep: Callable[[str], bool], what: str) -> str:
 def main_job_block() -> str:
     # the pipeline's own summary, without its title and figure
     return _file_block(ROOT / "results/main_job/summary.md", lambda s: not s.startswith(("# ", "![")),
-                       "copy a run's directory there (`make run` writes runs/fmnist-cmhsa5-tiny/)")
+                       "copy a run's directory there (`make run` writes runs/fmnist-cmhsa5-tiny-midrun/)")
 
 
 def findings_block() -> str:

@@ -1,6 +1,6 @@
 """Where one training step of each phase goes: data loading and augmentation, forward, backward, optimizer.
 
-Runs the main job's data pipeline (``configs/fmnist_tiny.yaml``: Fashion-MNIST, light augmentation, the loader
+Runs the presets' data pipeline (``configs/fmnist_tiny.yaml``: Fashion-MNIST, light augmentation, the loader
 ``cmhsa pipeline`` builds) into the CMHSA conv phase and both attention forms, each in the precision ``auto`` picks
 for it, with mixup and the scheduler-free AdamW step as in ``engine.train_one_epoch``. Each part is timed over
 ``--steps`` steps after a warm-up, and printed as a markdown table with its share of the step.

@@ -73,3 +73,11 @@ def test_findings_block_matches_the_report_and_its_figures_exist():
     assert readme.read_block(README, "findings") == readme.findings_block()
     figures = re.findall(r"!\[[^]]*]\(([^)]+)\)", README)
     assert figures and all((ROOT / f).is_file() for f in figures), figures
+
+
+def test_main_job_block_is_a_run_of_the_config_make_run_trains():
+    # the README's main job must be what `make run` does today: results/main_job holds a run of that very config
+    from cmhsa.config import load_config
+    config = re.search(r"^run:.*\n\t\S*cmhsa pipeline --config (\S+)$", (ROOT / "Makefile").read_text(), re.M)[1]
+    assert load_config(ROOT / "results/main_job/config.yaml") == load_config(ROOT / config)
+    assert readme.read_block(README, "main-job") == readme.main_job_block()

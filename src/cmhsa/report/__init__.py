@@ -15,7 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, before any submodule imports pyplot
 
-from ..experiments import load_experiment, read_cells  # noqa: E402
+from ..experiments import BUDGETS, load_experiment, read_cells  # noqa: E402
 from ._common import COMMANDS, PAPER_TABLE1, _seed_noise, grid_dir, two_standard_errors  # noqa: E402
 from .analysis import _analysis, _shift  # noqa: E402
 from .converged import _converged, _geometry, plateau_gain  # noqa: E402
@@ -113,12 +113,7 @@ def _short_title(title: str) -> str:
 def _nothing_to_report(results: Path, budget: str) -> str:
     """Why a results root gives an empty report, and the fix: usually another budget's grids (a quick run) or the
     wrong directory."""
-    budgets = set()
-    for cells in results.glob("*/cells"):
-        grid, _, suffix = cells.parent.name.partition("-")
-        if grid in COMMANDS:
-            budgets.add(suffix or "full")
-    others = sorted(budgets - {budget})
+    others = [b for b in BUDGETS if b != budget and any((grid_dir(results, g, b) / "cells").is_dir() for g in COMMANDS)]
     hint = (f"it holds {' and '.join(others)}-budget grids: add --budget {others[0]}" if others else
             "pass the results root the grids wrote to (cmhsa experiment --results), or run `cmhsa experiment <name>` "
             "first")

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .layout import BUDGETS
 
 if TYPE_CHECKING:  # for annotations only: each command imports its modules where it runs
     from .rundir import PhaseDir
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "skips the cells another is running.")
     p.add_argument("name", help="experiment name, e.g. table1")
     p.add_argument("--config", type=Path, default=None, help="default: configs/experiments/<name>.yaml")
-    p.add_argument("--budget", choices=["quick", "full"], default="full",
+    p.add_argument("--budget", choices=BUDGETS, default="full",
                    help="quick: minutes, tiny sizes (smoke test, results/<name>-quick); full: the real grid")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the grid's own seeds")
     p.add_argument("--cells", nargs="+", default=None,
@@ -479,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tables (with the paper's Table 1 beside ours), figures and summary CSVs from "
                                    "results/<grid>/cells/*.json and results/analysis/*/analysis.json.")
     p.add_argument("results", type=Path, nargs="?", default=Path("results"), help="results root (default: results)")
-    p.add_argument("--budget", choices=["quick", "full"], default="full", help="which grids' results to report")
+    p.add_argument("--budget", choices=BUDGETS, default="full", help="which grids' results to report")
     p.add_argument("--configs", type=Path, default=Path("configs/experiments"),
                    help="grid configs whose header comments describe the setup")
     p.set_defaults(func=cmd_report)

@@ -43,14 +43,12 @@ from .checkpoint import has_checkpoint
 from .config import (PHASES, RESUME_FREE_KEYS, ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides,
                      read_yaml)
 from .engine import evaluate, resolve_device, resolve_precision
+from .layout import BUDGETS, cell_record, grid_dir
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
 from .provenance import git_state
 from .rundir import RunDir, RunDirLocked
 
 __all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware"]
-
-BUDGETS = ("quick", "full")
-
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
@@ -130,10 +128,6 @@ def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) 
             if key == "steps" and config.convert.continue_schedule:
                 before += steps
     return settings
-
-
-def results_dir(spec: Dict[str, Any], budget: str, root: str | Path = "results") -> Path:
-    return Path(root) / (spec["name"] if budget == "full" else f"{spec['name']}-{budget}")
 
 
 def _run_path(runs_root: str | Path, grid: str, budget: str, cell: str, seed: int | str) -> Path:
@@ -310,10 +304,6 @@ def find_finished(entry: Dict[str, Any], results_root: str | Path) -> Optional[P
     return None
 
 
-def _cell_record(entry: Dict[str, Any], out: Path) -> Path:
-    return out / "cells" / f"{entry['cell']}__seed{entry['seed']}.json"
-
-
 def _is_finished(entry: Dict[str, Any], path: Path) -> bool:
     """Whether ``path`` is the record of the run ``entry`` describes (a changed cell config runs again)."""
     return path.exists() and _record_identity(str(path), path.stat().st_mtime_ns) == \
@@ -351,12 +341,12 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
     training time a finished run took, and for a run still to do the mean of the same cell's finished seeds in the
     results, whichever seeds were asked for (None without one), so a grid can be planned to fit a session."""
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
-    out = results_dir(spec, budget, results_root)
+    out = grid_dir(results_root, spec["name"], budget)
     rows, took = [], defaultdict(list)
     for record in read_cells(out):
         took[record["cell"]].append(record["train_seconds"] / 60)
     for entry in cell_configs(spec, budget, seeds, runs_root, only):
-        path, minutes = _cell_record(entry, out), None
+        path, minutes = cell_record(out, entry["cell"], entry["seed"]), None
         if _is_finished(entry, path):
             record = json.loads(path.read_text())
             status, detail = "finished", _score(record)
@@ -381,11 +371,11 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
     """Run every unfinished cell of the grid; returns the results directory."""
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
     entries = cell_configs(spec, budget, seeds, runs_root, only)  # checks the cell names before anything is written
-    out = results_dir(spec, budget, results_root)
+    out = grid_dir(results_root, spec["name"], budget)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     code = git_state()  # the code as it was when the grid started, not when a cell ends
     for i, entry in enumerate(entries, 1):
-        path = _cell_record(entry, out)
+        path = cell_record(out, entry["cell"], entry["seed"])
         if _is_finished(entry, path):
             continue
         header = f"[{spec['name']} {i}/{len(entries)}] {entry['label']} (cell {entry['cell']}, seed {entry['seed']})"

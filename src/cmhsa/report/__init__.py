@@ -15,8 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, before any submodule imports pyplot
 
-from ..experiments import BUDGETS, load_experiment, read_cells  # noqa: E402
-from ._common import COMMANDS, PAPER_TABLE1, _seed_noise, grid_dir, two_standard_errors  # noqa: E402
+from ..experiments import load_experiment, read_cells  # noqa: E402
+from ..layout import BUDGETS, grid_dir  # noqa: E402
+from ._common import COMMANDS, PAPER_TABLE1, _seed_noise, two_standard_errors  # noqa: E402
 from .analysis import _analysis, _shift  # noqa: E402
 from .converged import _converged, _geometry, plateau_gain  # noqa: E402
 from .short_budget import _ablations, _efficiency, _forms, _table1, _warmup  # noqa: E402

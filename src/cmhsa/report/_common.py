@@ -33,11 +33,6 @@ COMMANDS = {
 }
 
 
-def grid_dir(results: Path, name: str, budget: str = "full") -> Path:
-    """Where a grid's results live: results/<name> for the full budget, results/<name>-<budget> otherwise."""
-    return results / (name if budget == "full" else f"{name}-{budget}")
-
-
 def _mean_std(values: List[float]) -> Tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

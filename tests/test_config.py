@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cmhsa.cli import main
-from cmhsa.config import RunConfig, TrainConfig, load_config
+from cmhsa.config import RunConfig, TrainConfig, apply_overrides, load_config
 from cmhsa.experiments import cell_configs, find_finished, load_experiment, recorded_config, run_experiment
 from cmhsa.models import convert_model
 
@@ -25,6 +25,21 @@ def test_unknown_keys_are_errors_with_a_did_you_mean(override, message):
     with pytest.raises(ValueError) as e:
         load_config(CONFIGS / "fmnist_tiny.yaml", [override])
     assert message in str(e.value)
+
+
+def test_a_shared_train_override_that_a_phase_sets_itself_is_an_error_naming_the_phase_keys():
+    """fmnist_tiny.yaml sets phase1.lr and phase2.lr, so --set train.lr would reach neither phase: refused, not
+    silently ignored; a train key no phase sets reaches both."""
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIGS / "fmnist_tiny.yaml", ["train.lr=1e-2"])
+    assert ("train.lr=0.01 does not reach phase1 or phase2: the config sets phase1.lr=0.002, phase2.lr=0.0005"
+            in str(e.value)) and "Override phase1.lr=0.01 and phase2.lr=0.01 instead" in str(e.value)
+    with pytest.raises(ValueError, match="does not reach phase2: the config sets phase2.epochs=4"):
+        apply_overrides(load_config(None, ["phase2.epochs=4"]), ["train.epochs=7"])
+    c = load_config(CONFIGS / "fmnist_tiny.yaml", ["train.mixup=0.3", "train.lr=1e-2", "phase1.lr=null",
+                                                    "phase2.lr=1e-3"])  # overrides that set both say what they mean
+    assert c.phase_config("phase1").mixup == c.phase_config("phase2").mixup == 0.3
+    assert (c.phase_config("phase1").lr, c.phase_config("phase2").lr) == (1e-2, 1e-3)
 
 
 def test_unknown_section_in_a_yaml_file_names_the_file(tmp_path):

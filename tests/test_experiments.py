@@ -724,6 +724,19 @@ def test_a_training_cell_is_the_same_run_whatever_its_unused_convert_section():
     assert _run_identity("train", a) != _run_identity("train", a.set({"phase1.lr": 1e-4}))
 
 
+def test_a_cell_is_the_same_run_whatever_train_settings_every_phase_overrides():
+    """A run's identity is each phase's resolved settings: a train.* value that both phases set themselves never
+    reached a phase, so dropping it from a grid keeps that grid's finished records valid."""
+    from cmhsa.config import RunConfig
+    from cmhsa.experiments import _run_identity
+    phases = {"phase1": {"warmup_epochs": 1}, "phase2": {"warmup_epochs": 0}}
+    a = RunConfig.from_dict({**phases, "train": {"warmup_epochs": 1}})
+    b = RunConfig.from_dict(phases)
+    assert a.train != b.train
+    assert _run_identity("pipeline", a) == _run_identity("pipeline", b)
+    assert _run_identity("pipeline", a) != _run_identity("pipeline", b.set({"phase2.warmup_epochs": 1}))
+
+
 def test_report_names_the_attention_form_of_every_row():
     from cmhsa.report._common import attention_form
     assert attention_form({"kind": "pipeline", "config": {"convert": {"form": "factorized"}}}) == "factorized"

@@ -459,7 +459,29 @@ def parse_overrides(overrides: Iterable[str]) -> Dict[str, Any]:
 def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
     """Apply ``section.key=value`` strings, e.g. ``phase1.epochs=3`` or ``data.train_subset=0.1``."""
     parsed = parse_overrides(overrides)
-    return config.set(parsed) if parsed else config
+    if not parsed:
+        return config
+    config = config.set(parsed)
+    _check_reaches_phases(config, parsed)
+    return config
+
+
+def _check_reaches_phases(config: RunConfig, parsed: Dict[str, Any]) -> None:
+    """A ``train.key`` override is the default of both phases, so a phase section that already sets ``key`` wins and
+    the override would silently not apply there (e.g. ``train.lr`` under a preset's ``phase1.lr``). Overrides that
+    set both (``train.lr=.. phase2.lr=..``) say what they mean."""
+    for dotted in parsed:
+        section, _, key = dotted.partition(".")
+        if section != "train":
+            continue
+        value = getattr(config.train, key)  # typed (YAML reads 1e-2 as a string)
+        own = {phase: _set_fields(getattr(config, phase)) for phase in PHASES}
+        shadowed = [phase for phase in PHASES if key in own[phase] and f"{phase}.{key}" not in parsed]
+        if shadowed:
+            sets = ", ".join(f"{phase}.{key}={own[phase][key]!r}" for phase in shadowed)
+            fix = " and ".join(f"{phase}.{key}={value!r}" for phase in shadowed)
+            raise ValueError(f"{dotted}={value!r} does not reach {' or '.join(shadowed)}: the config sets {sets}, "
+                             f"which wins over the shared train section. Override {fix} instead")
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

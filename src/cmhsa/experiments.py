@@ -40,7 +40,7 @@ import torch
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import (PHASES, RESUME_FREE_KEYS, ConvertConfig, PhaseConfig, RunConfig, load_config, parse_overrides,
+from .config import (PHASES, RESUME_FREE_KEYS, RunConfig, load_config, parse_overrides,
                      read_yaml)
 from .engine import evaluate, resolve_device, resolve_precision
 from .layout import BUDGETS, cell_record, grid_dir
@@ -278,15 +278,15 @@ def recorded_config(record: Dict[str, Any]) -> Optional[RunConfig]:
 
 
 def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
-    """What a cell computes: its kind and its config without the name, the output directory and the other settings
-    that do not change the result (:func:`_computed`), and for a single training run without the sections it never
-    reads (the conversion and phase 2)."""
+    """What a cell computes: its kind, data, model and each phase's resolved training settings (``train`` layered
+    with the phase), without the settings that do not change the result (:func:`_computed`); a pipeline adds its
+    conversion, a single training run reads only phase 1's settings."""
     if config is None:
         return None
     config = _computed(config)
     if kind == "train":
-        config = dataclasses.replace(config, convert=ConvertConfig(), phase2=PhaseConfig())
-    return kind, config
+        return kind, config.data, config.model, config.phase_config("phase1")
+    return kind, config.data, config.model, config.convert, *(config.phase_config(p) for p in PHASES)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -83,7 +83,6 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 
-_PRECISIONS = PRECISIONS
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -140,8 +139,8 @@ def resolve_precision(device: Union[str, torch.device], precision: str, model: O
     :func:`cpu_auto_precision` says for ``model`` (bf16 only where it is measured faster). An explicit
     "bf16"/"fp16" is honoured even where it is slow.
     """
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     device = torch.device(device)

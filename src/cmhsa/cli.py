@@ -446,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override the run's config, e.g. data.img_size=32")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None)
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default: auto (what it picks: cmhsa train --help)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="default: auto (what it picks: cmhsa train --help)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("convert", help="phase-1 checkpoint -> phase-2 checkpoint, with the verified error",

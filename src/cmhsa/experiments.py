@@ -40,8 +40,7 @@ import torch
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import (PHASES, RESUME_FREE_KEYS, RunConfig, load_config, parse_overrides,
-                     read_yaml)
+from .config import PHASES, RESUME_FREE_KEYS, RunConfig, load_config, parse_overrides, read_yaml
 from .engine import evaluate, resolve_device, resolve_precision
 from .layout import BUDGETS, cell_record, grid_dir
 from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
@@ -49,6 +48,7 @@ from .provenance import git_state
 from .rundir import RunDir, RunDirLocked
 
 __all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware"]
+
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
@@ -201,8 +201,8 @@ def _can_resume(run: RunDir, config: RunConfig) -> bool:
 
 
 def _computed(config: RunConfig) -> RunConfig:
-    """``config`` with the settings that do not change what a run computes (where it runs, how often it logs,
-    evaluates or keeps weights: RESUME_FREE_KEYS) at their defaults."""
+    """``config`` with the training settings that do not change what a run computes (where it runs, how often it
+    logs, evaluates or keeps weights: RESUME_FREE_KEYS) at their defaults."""
     defaults = RunConfig()
 
     def settled(section: str):
@@ -210,8 +210,7 @@ def _computed(config: RunConfig) -> RunConfig:
         return dataclasses.replace(getattr(config, section),
                                    **{k: getattr(default, k) for k in RESUME_FREE_KEYS if hasattr(default, k)})
 
-    return dataclasses.replace(config, name=defaults.name, output=defaults.output, train=settled("train"),
-                               phase1=settled("phase1"), phase2=settled("phase2"))
+    return dataclasses.replace(config, train=settled("train"), phase1=settled("phase1"), phase2=settled("phase2"))
 
 
 def _phase1_identity(config: RunConfig) -> tuple:

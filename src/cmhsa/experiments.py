@@ -282,10 +282,10 @@ def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
     conversion, a single training run reads only phase 1's settings."""
     if config is None:
         return None
-    config = _computed(config)
+    phase1 = _phase1_identity(config)
     if kind == "train":
-        return kind, config.data, config.model, config.phase_config("phase1")
-    return kind, config.data, config.model, config.convert, *(config.phase_config(p) for p in PHASES)
+        return kind, *phase1
+    return kind, *phase1, config.convert, _computed(config).phase_config("phase2")
 
 
 @functools.lru_cache(maxsize=4096)

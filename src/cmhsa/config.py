@@ -470,12 +470,12 @@ def _check_reaches_phases(config: RunConfig, parsed: Dict[str, Any]) -> None:
     """A ``train.key`` override is the default of both phases, so a phase section that already sets ``key`` wins and
     the override would silently not apply there (e.g. ``train.lr`` under a preset's ``phase1.lr``). Overrides that
     set both (``train.lr=.. phase2.lr=..``) say what they mean."""
+    own = {phase: _set_fields(getattr(config, phase)) for phase in PHASES}
     for dotted in parsed:
         section, _, key = dotted.partition(".")
         if section != "train":
             continue
         value = getattr(config.train, key)  # typed (YAML reads 1e-2 as a string)
-        own = {phase: _set_fields(getattr(config, phase)) for phase in PHASES}
         shadowed = [phase for phase in PHASES if key in own[phase] and f"{phase}.{key}" not in parsed]
         if shadowed:
             sets = ", ".join(f"{phase}.{key}={own[phase][key]!r}" for phase in shadowed)

@@ -121,6 +121,11 @@ def test_continue_schedule_makes_phase_2_the_rest_of_phase_1s_run():
     assert (second.lr, second.warmup_epochs, second.eval_every) == (first.lr, 1, 2)  # phase 1's, but its own eval
     scaled = c.set({"phase2.lr_scale": {"*.mixer.*": 0.5}})  # multipliers on the same schedule, for its own params
     assert scaled.phase_config("phase2").lr_scale == {"*.mixer.*": 0.5} and scaled.phase_config("phase1").lr_scale == {}
+    # phase 2 may be shorter than phase 1's warm-up, which counts within the whole schedule
+    short = load_config(CONFIGS / "fmnist_tiny_midrun.yaml", ["phase1.epochs=2", "phase2.epochs=1"]).phase_config("phase2")
+    assert (short.epochs, short.warmup_epochs, short.first_epoch, short.schedule_epochs) == (1, 1, 2, 3)
+    with pytest.raises(ValueError, match="phase1 .*warmup_epochs must be in"):  # phase 1 must outlast it
+        load_config(CONFIGS / "fmnist_tiny_midrun.yaml", ["phase1.epochs=1", "phase2.epochs=1"])
     with pytest.raises(ValueError, match=r"phase2.lr=0.0005 \(phase 1: 0.002\)\. Unset those phase2 keys"):
         load_config(CONFIGS / "fmnist_tiny.yaml", ["convert.continue_schedule=true", "phase2.warmup_epochs=null"])
     with pytest.raises(ValueError, match="unknown config key 'phase2.first_epoch'"):  # set by the run config only

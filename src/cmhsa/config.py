@@ -247,11 +247,12 @@ class RunConfig:
             raise ValueError(f"convert.continue_schedule makes phase 2 the rest of phase 1's run, with phase 1's "
                              f"settings, but {', '.join(differ)}. Unset those phase2 keys, or drop "
                              f"convert.continue_schedule")
-        second = dataclasses.replace(first, **own)
-        total = first.epochs + second.epochs
+        total = first.epochs + own.get("epochs", first.epochs)
         if phase == "phase1":
             return dataclasses.replace(first, schedule_epochs=total, num_classes=num_classes)
-        return dataclasses.replace(second, first_epoch=first.epochs, schedule_epochs=total, num_classes=num_classes)
+        # one replace: phase 2 alone may be shorter than the warm-up, which counts within the whole schedule
+        return dataclasses.replace(first, **own, first_epoch=first.epochs, schedule_epochs=total,
+                                   num_classes=num_classes)
 
     def run_dir(self) -> Path:
         return Path(self.output or Path("runs") / self.name)

@@ -13,7 +13,7 @@ from cifar_fixture import make_cifar100
 from cmhsa.cli import main
 from cmhsa.config import apply_overrides, load_config
 from cmhsa.forms import convert_form
-from cmhsa import pipeline
+from cmhsa import data as cmdata, pipeline
 from cmhsa.engine import fit
 from cmhsa.pipeline import build_loaders, create_model, load_model, model_spec, run_pipeline
 from cmhsa.plots import read_metrics
@@ -49,6 +49,10 @@ def test_run_directory_holds_everything(run):
     assert len(read_metrics(out / "phase1/metrics.jsonl")) == 3 and len(read_metrics(out / "phase2/metrics.jsonl")) == 1
     assert "| 2: self-attention |" in (out / "summary.md").read_text()
     assert summary["phase2"]["params"] > summary["phase1"]["params"]
+    # no subset: the summary counts the images trained on, the whole train split
+    train_split = cmdata.create_datasets("digits", img_size=8, in_chans=1)[0]
+    assert summary["train_images"] == len(train_split) > 1000
+    assert f"Dataset: digits, {len(train_split)} training images." in (out / "summary.md").read_text()
 
 
 def test_conversion_is_exact_and_keeps_accuracy(run):

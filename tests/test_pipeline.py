@@ -90,6 +90,14 @@ def test_eval_and_convert_commands(run, capsys, tmp_path):
     assert conv["logits_error"] <= 1e-8 and conv["git"] == git_state()
     model, spec, _ = load_model(tmp_path / "conv")
     assert spec["class"] == "CMHSA" and spec["kwargs"] == model.config and model.config["mixer"] == "attn"
+    # outside its run nothing says which data the model is for: eval and analyze ask instead of scoring it on the
+    # default dataset; named, it scores as phase 1 did (the conversion is exact)
+    for command in (["eval"], ["analyze", "--max-batches", "1"]):
+        assert main([command[0], str(tmp_path / "conv"), *command[1:]]) == 2
+        assert "not inside a run directory (no config.yaml)" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "conv"), "--dataset", "digits", "--set", "data.img_size=8", "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(summary["phase1"]["val_top1"], abs=0.3)
     # an attention-phase checkpoint has no convolution to convert: the error says which directory to pass
     assert main(["convert", str(out / "phase2"), "--out", str(tmp_path / "again")]) == 2
     assert "pass a phase-1 directory (runs/<name>/phase1)" in capsys.readouterr().err

@@ -187,12 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .config import TrainConfig, load_config
+    from .config import TrainConfig
     from .engine import evaluate, resolve_device, resolve_precision
-    from .pipeline import build_loaders, load_model, run_config_path, spec_label
+    from .pipeline import build_loaders, data_config, load_model, run_config_path, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
-    config = load_config(run_config_path(ckpt), args.set or [])
+    config = data_config(run_config_path(ckpt), args.dataset, args.set or [])
     changes = {"data.dataset": args.dataset} if args.dataset is not None else {}
     if args.data_dir is not None:
         changes["data.data_dir"] = args.data_dir

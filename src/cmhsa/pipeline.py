@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import timm
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from . import data as cmdata
 from .atomic import atomic_path
 from .checkpoint import load_weights, read_optimizer_state
-from .config import RunConfig, TrainConfig
+from .config import RunConfig, TrainConfig, load_config
 from .engine import (TrainState, all_ranks_agree, build_optimizer, evaluate, fit, init_distributed, is_main_process,
                      resolve_device, resolve_precision, seed_everything, transfer_optimizer_state)
 from .models import CMHSA, continued_parameter, convert_model, transfer_error
@@ -28,7 +28,7 @@ from .provenance import git_state
 from .rundir import PhaseDir, RunDir
 
 __all__ = ["build_loaders", "create_model", "model_spec", "converted_spec", "spec_label", "convert_settings",
-           "run_config_path", "load_model", "open_run", "train_phase", "run_pipeline"]
+           "run_config_path", "data_config", "load_model", "open_run", "train_phase", "run_pipeline"]
 
 
 def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[DataLoader, DataLoader, Any]:
@@ -116,6 +116,17 @@ def run_config_path(ckpt: Path) -> Optional[Path]:
         if RunDir(root).config_path.exists():
             return RunDir(root).config_path
     return None
+
+
+def data_config(config_path: Optional[Path], dataset: Optional[str], overrides: Iterable[str] = ()) -> RunConfig:
+    """The config whose data section evaluates a model: its run's ``config.yaml`` (:func:`run_config_path`) with
+    ``overrides``. A model outside a run (`cmhsa convert`'s output) has none, so ``dataset`` must name its data:
+    the default dataset would score it on data it may never have seen."""
+    if config_path is None and dataset is None:
+        raise ValueError("the model is not inside a run directory (no config.yaml), so nothing says which data it "
+                         "was trained on: pass --dataset NAME (dataset= in Python), and --data-dir if its files "
+                         "are not in the default place")
+    return load_config(config_path, overrides)
 
 
 def load_model(path: str | Path, which: str = "last") -> Tuple[nn.Module, Dict[str, Any], Path]:

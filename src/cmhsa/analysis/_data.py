@@ -9,9 +9,9 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..config import load_config
 from ..data import create_datasets, create_loader
 from ..models import CMHSA
+from ..pipeline import data_config
 from ._common import _image_batches
 
 
@@ -40,7 +40,7 @@ def _val_loader(config_path: Optional[Path], in_chans: int, batch_size: int, dat
     """Validation loader (no augmentation, in order) of a run's data config with overrides, and that data config
     with ``black``: the normalised value of a black pixel per channel."""
     flags = {"data.dataset": dataset, "data.data_dir": data_dir}
-    config = load_config(config_path).set({key: value for key, value in flags.items() if value is not None})
+    config = data_config(config_path, dataset).set({key: value for key, value in flags.items() if value is not None})
     d = config.data
     size = d.img_size if img_size is None else img_size  # the model's own input size may be a (H, W) pair
     _, val, info = create_datasets(d.dataset, img_size=size, in_chans=in_chans, data_dir=d.data_dir,

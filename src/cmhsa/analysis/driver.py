@@ -115,8 +115,6 @@ def analyze(source: Union[str, Path, nn.Module], compare: Union[str, Path, nn.Mo
     out_dir = Path(out_dir) if out_dir is not None else _default_out_dir(info)
 
     if loader is None:
-        if info["config"] is None and dataset is None and info["checkpoint"] is None:
-            raise ValueError("no dataset for the analysis: pass dataset='fashion_mnist' (or another) or loader=...")
         loader, data_cfg = _val_loader(info["config"], _model_in_chans(model), batch_size, dataset, data_dir,
                                        img_size if img_size is not None else _model_img_size(model))
         data_desc = {"dataset": data_cfg["dataset"], "img_size": data_cfg["img_size"], "split": "val"}

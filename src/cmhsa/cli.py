@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset",
                        description="Evaluate a run, phase or checkpoint directory on the validation split of its "
-                                   "own config's dataset, or of --dataset.")
+                                   "own config's dataset, or of --dataset (which a model outside a run, such as "
+                                   "`cmhsa convert`'s output, needs).")
     p.add_argument("checkpoint", type=Path, help="run dir, phase dir (runs/x/phase2) or checkpoint dir")
     p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint in a phase dir")
     p.add_argument("--dataset", default=None, help="dataset name (default: the run's own)")

@@ -209,7 +209,8 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="run dir, phase dir (runs/x/phase2) or checkpoint dir")
     p.add_argument("--compare", type=Path, default=None, help="a second run/phase/checkpoint dir for CKA")
     p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint in a phase dir")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the run's own; required for a model outside a run)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (default: the run's own; a model outside a run needs it)")
     p.add_argument("--data-dir", default=None, help="dataset location (default: the run's own)")
     p.add_argument("--img-size", type=int, default=None, help="image size (default: the model's)")
     p.add_argument("--max-batches", type=int, default=4, help="validation batches to analyse (default: 4)")

@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`cmhsa convert`'s output, needs).")
     p.add_argument("checkpoint", type=Path, help="run dir, phase dir (runs/x/phase2) or checkpoint dir")
     p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint in a phase dir")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the run's own)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (default: the run's own; a model outside a run needs it)")
     p.add_argument("--data-dir", default=None, help="dataset location (default: the run's own)")
     p.add_argument("--full-val", action="store_true", help="evaluate on the whole validation split")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override the run's config, e.g. data.img_size=32")

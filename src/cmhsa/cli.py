@@ -192,14 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import build_loaders, data_config, load_model, run_config_path, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
-    config = data_config(run_config_path(ckpt), args.dataset, args.set or [])
-    changes = {"data.dataset": args.dataset} if args.dataset is not None else {}
-    if args.data_dir is not None:
-        changes["data.data_dir"] = args.data_dir
-    elif args.dataset not in (None, config.data.dataset):
-        changes["data.data_dir"] = None  # the run's data_dir holds the run's dataset, not this one
-    if changes:
-        config = config.set(changes)
+    config = data_config(run_config_path(ckpt), args.dataset, args.data_dir, args.set or [])
     if args.full_val:
         config = config.set({"data.val_subset": None})
     cfg = TrainConfig(device=args.device or "auto", precision=args.precision,

@@ -118,15 +118,23 @@ def run_config_path(ckpt: Path) -> Optional[Path]:
     return None
 
 
-def data_config(config_path: Optional[Path], dataset: Optional[str], overrides: Iterable[str] = ()) -> RunConfig:
+def data_config(config_path: Optional[Path], dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                overrides: Iterable[str] = ()) -> RunConfig:
     """The config whose data section evaluates a model: its run's ``config.yaml`` (:func:`run_config_path`) with
-    ``overrides``. A model outside a run (`cmhsa convert`'s output) has none, so ``dataset`` must name its data:
-    the default dataset would score it on data it may never have seen."""
+    ``overrides``, then ``dataset`` and ``data_dir`` if given (another dataset drops the run's data_dir, which holds
+    the run's own data). A model outside a run (`cmhsa convert`'s output) has no config, so ``dataset`` must name
+    its data: the default dataset would score it on data it may never have seen."""
     if config_path is None and dataset is None:
         raise ValueError("the model is not inside a run directory (no config.yaml), so nothing says which data it "
                          "was trained on: pass --dataset NAME (dataset= in Python), and --data-dir if its files "
                          "are not in the default place")
-    return load_config(config_path, overrides)
+    config = load_config(config_path, overrides)
+    changes = {"data.dataset": dataset} if dataset is not None else {}
+    if data_dir is not None:
+        changes["data.data_dir"] = data_dir
+    elif dataset not in (None, config.data.dataset):
+        changes["data.data_dir"] = None
+    return config.set(changes) if changes else config
 
 
 def load_model(path: str | Path, which: str = "last") -> Tuple[nn.Module, Dict[str, Any], Path]:

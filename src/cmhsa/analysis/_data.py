@@ -39,9 +39,7 @@ def _val_loader(config_path: Optional[Path], in_chans: int, batch_size: int, dat
                 data_dir: Optional[str] = None, img_size: Any = None) -> Tuple[Any, Dict[str, Any]]:
     """Validation loader (no augmentation, in order) of a run's data config with overrides, and that data config
     with ``black``: the normalised value of a black pixel per channel."""
-    flags = {"data.dataset": dataset, "data.data_dir": data_dir}
-    config = data_config(config_path, dataset).set({key: value for key, value in flags.items() if value is not None})
-    d = config.data
+    d = data_config(config_path, dataset, data_dir).data
     size = d.img_size if img_size is None else img_size  # the model's own input size may be a (H, W) pair
     _, val, info = create_datasets(d.dataset, img_size=size, in_chans=in_chans, data_dir=d.data_dir,
                                    augment="none", resize=d.resize)

@@ -489,6 +489,18 @@ def test_imagefolder(tmp_path, val_name):
         create_datasets("imagefolder", 8, 3, data_dir=str(tmp_path))
 
 
+def test_imagefolder_mixing_grey_and_colour_files_is_colour(tmp_path):
+    """The channels come from the files, not from whichever sorts first (here a grey one)."""
+    rng = np.random.default_rng(0)
+    for j, shape in enumerate([(6, 6), (6, 6, 3), (6, 6, 4)]):
+        _write_png(tmp_path / "train" / "a" / f"{j}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    _write_png(tmp_path / "val" / "a" / "0.png", rng.integers(0, 256, (6, 6), dtype=np.uint8))
+    assert dataset_info("imagefolder", str(tmp_path)).in_chans == 3
+    for j in (1, 2):
+        (tmp_path / "train" / "a" / f"{j}.png").unlink()
+    assert dataset_info("imagefolder", str(tmp_path)).in_chans == 1
+
+
 def test_digits_split_is_a_stratified_partition():
     train, val, info = create_datasets("digits", 8, 1, augment="none")
     digits = load_digits()

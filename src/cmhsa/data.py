@@ -580,10 +580,15 @@ def _stats(name: str, raw: _Raw, chans: int) -> Tuple[Tuple[float, ...], Tuple[f
         if isinstance(raw.train, np.ndarray):
             chunks = [raw.train if raw.train.shape[3] == chans else _to_grey(raw.train)]
         else:
-            picks = np.linspace(0, len(raw.train) - 1, min(len(raw.train), _STAT_SAMPLE)).round().astype(int)
-            chunks = (_read_image(raw.train[i], "L" if chans == 1 else "RGB") for i in picks)
+            chunks = (_read_image(path, "L" if chans == 1 else "RGB") for path in _sample(raw.train))
         _STATS_CACHE[key] = _pixel_stats(chunks, chans)
     return _STATS_CACHE[key]
+
+
+def _sample(paths: Sequence[str]) -> list[str]:
+    """Up to ``_STAT_SAMPLE`` evenly spaced paths: what an image folder's statistics and channels are read from."""
+    picks = np.linspace(0, len(paths) - 1, min(len(paths), _STAT_SAMPLE)).round().astype(int)
+    return [paths[i] for i in picks]
 
 
 def _info(name: str, raw: _Raw) -> DatasetInfo:
@@ -592,7 +597,13 @@ def _info(name: str, raw: _Raw) -> DatasetInfo:
     else:
         with Image.open(raw.train[0]) as image:
             native_size = (image.height, image.width)
-            chans = 1 if Image.getmodebase(image.mode) == "L" else 3
+        # Colour if any sampled image is: a folder that mixes grey and colour files is a colour dataset,
+        # whichever file sorts first.
+        modes = set()
+        for path in _sample(raw.train):
+            with Image.open(path) as image:
+                modes.add(Image.getmodebase(image.mode))
+        chans = 1 if modes == {"L"} else 3
     mean, std = _stats(name, raw, chans)
     return DatasetInfo(name, len(raw.classes), chans, native_size, mean, std, raw.classes, _HFLIP_KEEPS_LABEL[name])
 
@@ -659,7 +670,7 @@ def _subset(labels: np.ndarray, size: Union[int, float, None], seed: int, key: s
     try:
         return None if size is None else stratified_subset(labels, size, seed)
     except ValueError as e:
-        raise ValueError(f"data.{key} ({key}=) of {name}: {e}") from None
+        raise ValueError(f"data.{key} of {name}: {e}; or data.{key}=null for the whole split") from None
 
 
 def _make_dataset(source: Source, labels: np.ndarray, indices: np.ndarray | None, classes: Tuple[str, ...],

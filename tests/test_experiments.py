@@ -221,6 +221,9 @@ def test_status_lists_what_a_run_would_do_and_runs_nothing(tmp_path, capsys):
     assert sum("to run" in line for line in printed[1:-1]) == 2
     assert printed[-1].startswith(f"left: 3 runs; 1 of them should take ~{took:.0f} CPU-min") \
         and printed[-1].endswith("2 have no finished seed to estimate from")
+    assert main(["experiment", "mini", "--config", str(grid), "--status", "--seeds", "0", "1", "--cells", "two_phase",
+                 "--results", str(results), "--runs", str(runs)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "left: 2 runs; 2 have no finished seed to estimate from"
     assert not (results / "mini/cells/two_phase__seed0.json").exists()  # nothing ran
 
 

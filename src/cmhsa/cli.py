@@ -342,9 +342,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         left = [row for row in rows if row["status"] in ("resume", "to run")]
         if left:
             known = [row["minutes"] for row in left if row["minutes"] is not None]
-            print(f"left: {len(left)} runs; {len(known)} of them should take ~{sum(known):.0f} CPU-min (the mean of "
-                  f"their cell's finished seeds; a resumed run takes less), {len(left) - len(known)} have no "
-                  "finished seed to estimate from")
+            parts = [f"{len(known)} of them should take ~{sum(known):.0f} CPU-min (the mean of their cell's "
+                     "finished seeds; a resumed run takes less)"] if known else []
+            if len(known) < len(left):
+                parts.append(f"{len(left) - len(known)} have no finished seed to estimate from")
+            print(f"left: {len(left)} runs; " + ", ".join(parts))
         return 0
     out = run_experiment(spec, budget=args.budget, seeds=args.seeds, results_root=args.results,
                          runs_root=args.runs, only=args.cells)

@@ -38,6 +38,14 @@ def test_verify_without_null_key_shows_border_error(capsys):
     assert number_after("border", out) > 1e-3 > number_after("interior", out)
 
 
+def test_verify_on_a_grid_without_interior_patches_says_so(capsys):
+    """A 1x1 grid (P = image size) has only border patches: no interior error to print, rather than a 0."""
+    code, out, _ = run(capsys, "verify", "--kernel-size", "3", "--patch-size", "8", "--image-size", "8")
+    assert code == 0 and "grid             1x1 patches" in out
+    assert "interior       none (no patch has all its offsets inside the grid)" in out
+    assert number_after("border", out) < 1e-9
+
+
 @pytest.mark.parametrize("form", ["paper", "factorized", "local"])
 def test_verify_circular_padding_is_exact_without_a_null_key(capsys, form):
     """Circular padding wraps offsets around the grid: no border, so no null key is needed (3x3 grid, 5x5 kernel
@@ -47,6 +55,7 @@ def test_verify_circular_padding_is_exact_without_a_null_key(capsys, form):
                        "--form", form)
     assert code == 0 and "padding_mode=circular" in out
     assert number_after("max \\|error\\|", out) < 1e-9
+    assert "border         none (no border patches on this grid)" in out  # not an error of 0 at a border
 
 
 def test_bounds_table(capsys):

@@ -29,8 +29,8 @@ class VerifyReport:
     bias_strength: float
     output_scale: float      # max |conv(x)|
     max_error: float         # max |mhsa - conv| over every position
-    interior_error: float    # ... over patches whose every head offset is inside the grid
-    border_error: float      # ... over the other patches (0 if there are none)
+    interior_error: Optional[float]  # ... over patches whose every head offset is inside the grid (None: no such patch)
+    border_error: Optional[float]    # ... over the other patches (None: no such patch, e.g. circular padding)
     build_seconds: float
     form: str = "paper"
 
@@ -46,10 +46,14 @@ class VerifyReport:
             f"null key {'on' if self.null_key else 'off'}, bias strength {self.bias_strength:g}",
             f"max |error|      {self.max_error:.3e}  (relative to max |output| {self.output_scale:.3g}: "
             f"{self.relative_error:.3e})",
-            f"  interior       {self.interior_error:.3e}",
-            f"  border         {self.border_error:.3e}",
+            f"  interior       {_patch_error(self.interior_error, 'no patch has all its offsets inside the grid')}",
+            f"  border         {_patch_error(self.border_error, 'no border patches on this grid')}",
             f"build time       {self.build_seconds * 1e3:.1f} ms",
         ])
+
+
+def _patch_error(error: Optional[float], why_none: str) -> str:
+    return f"{error:.3e}" if error is not None else f"none ({why_none})"
 
 
 def border_patch_mask(offsets: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
@@ -108,8 +112,8 @@ def verify(
         bias_strength=bias_strength,
         output_scale=expected.abs().max().item(),
         max_error=error.max().item(),
-        interior_error=error[~border].max().item() if (~border).any() else 0.0,
-        border_error=error[border].max().item() if border.any() else 0.0,
+        interior_error=error[~border].max().item() if (~border).any() else None,
+        border_error=error[border].max().item() if border.any() else None,
         build_seconds=build_seconds,
         form=form,
     )

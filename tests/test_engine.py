@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -537,7 +538,7 @@ def test_eval_every_skips_evaluations_and_leaves_training_unchanged(digits, tmp_
     assert result["best_epoch"] in (2, 3)
 
 
-def test_eval_every_may_change_on_resume(digits, tmp_path):
+def test_eval_every_may_change_on_resume(digits, tmp_path, caplog):
     def stop_after_epoch_1(epoch, metrics):
         if epoch == 1:
             raise Interrupt
@@ -545,8 +546,10 @@ def test_eval_every_may_change_on_resume(digits, tmp_path):
     with pytest.raises(Interrupt):
         fit(mlp(seed=0), *loaders(digits), _resume_cfg(eval_every=2), tmp_path, progress=False,
             on_epoch_end=stop_after_epoch_1)
-    result = fit(mlp(seed=0), *loaders(digits), _resume_cfg(), tmp_path, progress=False)
+    with caplog.at_level(logging.INFO, logger="cmhsa"):
+        result = fit(mlp(seed=0), *loaders(digits), _resume_cfg(), tmp_path, progress=False)
     assert result["epochs_run"] == 2
+    assert f"[train] resuming from {tmp_path / 'last'}: 2 of 4 epochs done" in caplog.messages
     assert ["val_top1" in m for m in read_metrics(tmp_path)] == [False, True, True, True]
 
 

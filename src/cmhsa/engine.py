@@ -655,6 +655,11 @@ def _log_epoch(record: Dict[str, Any], cfg: TrainConfig, progress: bool) -> None
            if "val_top1" in record else "")
     line = (f"[{record['phase']}] epoch {record['epoch'] + 1}/{cfg.epochs}  train_loss {record['train_loss']:.4f}  "
             f"{val}lr {record['lr']:.2e}  {record['images_per_second']:.0f} img/s  {record['epoch_seconds']:.1f}s")
+    _say(line, progress)
+
+
+def _say(line: str, progress: bool) -> None:
+    """One line for the user: between progress bars, or to the log when there are none."""
     if progress:
         tqdm.write(line)
     else:
@@ -722,6 +727,8 @@ def fit(
     record: Dict[str, Any] = {}
     if resume and has_checkpoint(out.last):
         record = state.load(out.last, check=lambda extra: _check_resumable(extra, phase, config, out.last))["metrics"]
+        if rank == 0 and state.epoch < cfg.epochs:
+            _say(f"[{phase}] resuming from {out.last}: {state.epoch} of {cfg.epochs} epochs done", progress)
     else:
         if cfg.first_epoch and state.scheduler is not None:  # the lr where the run this phase continues left it
             state.scheduler.step_update(num_updates=cfg.first_epoch * updates_per_epoch)

@@ -92,6 +92,8 @@ def test_values_that_do_not_fit_their_type_name_the_key(override, message):
     ("convert.qk_dim=0", "convert.qk_dim must be >= 1"),
     ("data.augment=heavy", "data.augment must be one of 'none', 'light', 'deit'"),
     ("train.precision=half", "train.precision must be one of"),
+    ("train.device=tpu", "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (a torch device), got 'tpu'"),
+    ("phase2.device=cuda:x", "phase2.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("phase1.warmup_epochs=20", "phase1 (train layered with phase1): warmup_epochs must be in [0, epochs=20)"),
     ('phase2.lr_scale={"*.qk.*": -1}', "phase2 (train layered with phase2): lr_scale['*.qk.*'] must be a number >= 0"),
     ("train.lr_scale=3", "train.lr_scale must be a mapping, got 3"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import timm.optim
+import torch
 import yaml
 
 from .atomic import atomic_write_text
@@ -45,6 +46,13 @@ def _check(test, allowed: str) -> Dict[str, Any]:
 
 def _choice(*options: str) -> Dict[str, Any]:
     return _check(lambda v: v in options, f"one of {', '.join(map(repr, options))}")
+
+
+def _is_device(value: str) -> bool:
+    try:
+        return value == "auto" or torch.device(value) is not None
+    except RuntimeError:
+        return False
 
 
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "rsqrt", "constant", "none")
@@ -122,7 +130,8 @@ class TrainConfig:
     mixup_switch_prob: float = field(default=0.5, metadata=_check(lambda v: 0 <= v <= 1, "in [0, 1]"))
     ema_decay: Optional[float] = field(default=None, metadata=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
     precision: str = field(default="auto", metadata=_choice(*PRECISIONS))  # see engine.resolve_precision
-    device: str = "auto"  # "auto" -> cuda if available else cpu
+    device: str = field(default="auto", metadata=_check(_is_device, "'auto', 'cpu', 'cuda' or 'cuda:N' (a torch "
+                                                                   "device)"))  # "auto" -> cuda if available else cpu
     compile: bool = False  # torch.compile the model
     seed: int = field(default=0, metadata=_NON_NEGATIVE)
     log_interval: int = field(default=50, metadata=_AT_LEAST_1)  # steps between progress updates / loss checks

@@ -231,9 +231,38 @@ def test_cli_convert_net_then_eval(tmp_path, capsys):
         assert relative_error(twin.eval()(x), cnn(x)) < 1e-5
     assert sum(isinstance(m, ConvAsAttention) for m in twin.modules()) == 5
 
-    code = main(["eval", str(out), "--dataset", "digits", "--set", "data.img_size=32", "--device", "cpu"])
+    # scored at the 32 px the twin was built for, not the default data.img_size (28)
+    code = main(["eval", str(out), "--dataset", "digits", "--device", "cpu"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["model"] == "attention_twin" and result["images"] > 0
+
+
+def test_cli_convert_net_takes_a_trained_cnn_from_its_run(tmp_path, capsys):
+    """A CNN trained by `cmhsa train` converts from its checkpoint directory alone (model.json names the model and
+    its kwargs), and its twin scores exactly what the CNN scored; mismatched weights are a clear error."""
+    run, out = tmp_path / "run", tmp_path / "twin"
+    assert main(["train", "--output", str(run), "--set", "data.dataset=digits", "data.img_size=16",
+                 "model.name=resnet10t", "phase1.epochs=1", "phase1.max_steps_per_epoch=3", "train.batch_size=16",
+                 "phase1.warmup_epochs=0", "train.device=cpu", "train.precision=fp32"]) == 0
+    assert main(["convert-net", "--checkpoint", str(run / "train" / "best"), "--img-size", "16",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "model.json").read_text())["kwargs"]["cnn_kwargs"] == {"num_classes": 10, "in_chans": 1}
+    capsys.readouterr()
+    assert main(["eval", str(run), "--which", "best", "--device", "cpu"]) == 0
+    cnn_result = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--dataset", "digits", "--device", "cpu"]) == 0
+    twin_result = json.loads(capsys.readouterr().out)
+    assert twin_result["images"] == cnn_result["images"] and twin_result["top1"] == cnn_result["top1"]
+
+    assert main(["convert-net", "--model", "resnet18", "--checkpoint", str(run), "--img-size", "16",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "holds a resnet10t" in capsys.readouterr().err
+    assert main(["convert-net", "--model", "resnet10t", "--checkpoint", str(run / "train" / "best" / "model.safetensors"),
+                 "--img-size", "16", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit this ResNet: size mismatch for conv1.0.weight" in err and "in_chans and num_classes" in err
+    assert main(["convert-net", "--img-size", "16", "--out", str(tmp_path / "x")]) == 2
+    assert "--model is needed" in capsys.readouterr().err
 
 
 def test_cli_convert_net_gives_a_fixed_grid_model_its_image_size(tmp_path, capsys):

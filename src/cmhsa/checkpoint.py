@@ -356,4 +356,11 @@ def load_weights(path: PathLike, model: nn.Module, strict: bool = True):
         raise FileNotFoundError(
             f"no weights file at {path}; pass a .safetensors file or a directory holding {MODEL_FILE}"
         )
-    return unwrap_model(model).load_state_dict(_read_weights(path), strict=strict)
+    module = unwrap_model(model)
+    try:
+        return module.load_state_dict(_read_weights(path), strict=strict)
+    except RuntimeError as e:  # torch lists every mismatch; the first few say what differs
+        details = "; ".join(line.strip().rstrip(".") for line in str(e).splitlines()[1:4])
+        raise ValueError(f"the weights in {path} do not fit this {type(module).__name__}: {details}. Build the "
+                         f"model they were trained as (the same name and kwargs, e.g. in_chans and num_classes)") \
+            from None

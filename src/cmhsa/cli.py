@@ -6,7 +6,7 @@ import collections
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -192,7 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import build_loaders, data_config, load_model, run_config_path, spec_label
 
     model, spec, ckpt = load_model(args.checkpoint, which=args.which)
-    config = data_config(run_config_path(ckpt), args.dataset, args.data_dir, args.set or [])
+    config = data_config(run_config_path(ckpt), args.dataset, args.data_dir, args.set or [],
+                         img_size=spec["kwargs"].get("img_size"))
     if args.full_val:
         config = config.set({"data.val_subset": None})
     cfg = TrainConfig(device=args.device or "auto", precision=args.precision,
@@ -251,22 +252,10 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
     """`cmhsa convert-net`: a timm CNN -> its exact attention twin (model.safetensors, model.json, convert.json)."""
     import json
 
-    from .checkpoint import load_weights
     from .network import convert_network, format_table
-    from .pipeline import create_model, takes_img_size
 
-    try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError:
-        kwargs = None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
     img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
-    if "img_size" not in kwargs and takes_img_size(args.model, kwargs, img_size):  # a fixed grid, e.g. a ViT's
-        kwargs["img_size"] = img_size
-    cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
-    if args.checkpoint is not None:
-        load_weights(args.checkpoint, cnn)
+    name, kwargs, cnn = _cnn_to_convert(args, img_size)
     if args.patch_size != "auto" and not args.patch_size.isdigit():
         raise ValueError(f"--patch-size must be 'auto' or a positive int, got {args.patch_size!r}")
     patch_size = "auto" if args.patch_size == "auto" else int(args.patch_size)
@@ -284,12 +273,47 @@ def cmd_convert_net(args: argparse.Namespace) -> int:
     # the exact per-layer settings, so `attention_twin` rebuilds this structure whatever 'auto' picks later
     converted = {r["name"]: r["P"] for r in table if r["converted"]}
     spec = {"name": "attention_twin", "kwargs": {
-        "cnn": args.model, "cnn_kwargs": kwargs, "num_classes": cnn.num_classes, "in_chans": in_chans,
+        "cnn": name, "cnn_kwargs": kwargs, "num_classes": cnn.num_classes, "in_chans": in_chans,
         "img_size": img_size, "patch_size": converted, "layers": list(converted), **settings}}
     out = _write_converted(args.out, twin, spec, {"source": str(args.checkpoint) if args.checkpoint else None,
                                                   "logits_error_float64": error, "layers": table})
     print(f"wrote {out.root / 'model.safetensors'} and {out.spec_path} ({len(converted)} layers as attention)")
     return 0
+
+
+def _cnn_to_convert(args: argparse.Namespace, img_size) -> Tuple[str, Dict[str, Any], nn.Module]:
+    """(name, kwargs, model) of the CNN `convert-net` converts: a cmhsa run or checkpoint directory's own model
+    (its model.json says how to build it), else --model with --model-kwargs and, optionally, --checkpoint weights."""
+    import json
+
+    from .checkpoint import load_weights
+    from .pipeline import create_model, load_model, takes_img_size
+
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        try:
+            cnn, spec, _ = load_model(args.checkpoint)
+        except FileNotFoundError:
+            pass  # a directory with weights but no model.json: --model builds it
+        else:
+            if args.model not in (None, spec["name"]) or args.model_kwargs is not None:
+                raise ValueError(f"{args.checkpoint} holds a {spec['name']} built with {spec['kwargs']} (its "
+                                 f"model.json); drop --model and --model-kwargs, which would build another model")
+            return spec["name"], spec["kwargs"], cnn
+    if args.model is None:
+        raise ValueError("--model is needed unless --checkpoint is a cmhsa run or checkpoint directory, whose "
+                         "model.json names the model")
+    try:
+        kwargs = json.loads(args.model_kwargs or "{}")
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, e.g. '{{\"in_chans\": 1}}', got {args.model_kwargs}")
+    if "img_size" not in kwargs and takes_img_size(args.model, kwargs, img_size):  # a fixed grid, e.g. a ViT's
+        kwargs["img_size"] = img_size
+    cnn = create_model({"name": args.model, "kwargs": kwargs}, seed=args.seed)
+    if args.checkpoint is not None:
+        load_weights(args.checkpoint, cnn)
+    return args.model, kwargs, cnn
 
 
 def _add_convert_net_parser(sub) -> None:
@@ -301,11 +325,14 @@ def _add_convert_net_parser(sub) -> None:
                                    "logits error, writes model.safetensors, model.json and convert.json. "
                                    "`cmhsa eval DIR` loads the result; a config with model.name=attention_twin and "
                                    "these kwargs plus checkpoint_path trains it with `cmhsa train`.")
-    p.add_argument("--model", required=True, help="timm model name, e.g. resnet18")
+    p.add_argument("--model", default=None, help="timm model name, e.g. resnet18 (not needed with a --checkpoint "
+                                                   "from `cmhsa train`: its model.json names the model)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="CNN weights: a .safetensors file or a checkpoint dir holding model.safetensors")
-    p.add_argument("--model-kwargs", default="{}", help="JSON kwargs for timm.create_model, e.g. "
-                                                        "'{\"in_chans\": 1, \"num_classes\": 10}'")
+                   help="CNN weights: a run, phase or checkpoint directory of `cmhsa train` (the model is rebuilt "
+                        "from its model.json), or a .safetensors file / directory holding model.safetensors for "
+                        "--model")
+    p.add_argument("--model-kwargs", default=None, help="JSON kwargs for timm.create_model, e.g. "
+                                                        "'{\"in_chans\": 1, \"num_classes\": 10}' (default: {})")
     p.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
                    help="fnmatch patterns on module names, e.g. 'layer4.*' (default: every Conv2d)")
     p.add_argument("--patch-size", default="auto", help="'auto' (cheaper per layer) or an int P (default: auto)")

@@ -119,15 +119,20 @@ def run_config_path(ckpt: Path) -> Optional[Path]:
 
 
 def data_config(config_path: Optional[Path], dataset: Optional[str] = None, data_dir: Optional[str] = None,
-                overrides: Iterable[str] = ()) -> RunConfig:
+                overrides: Iterable[str] = (), img_size: Any = None) -> RunConfig:
     """The config whose data section evaluates a model: its run's ``config.yaml`` (:func:`run_config_path`) with
     ``overrides``, then ``dataset`` and ``data_dir`` if given (another dataset drops the run's data_dir, which holds
     the run's own data). A model outside a run (`cmhsa convert`'s output) has no config, so ``dataset`` must name
-    its data: the default dataset would score it on data it may never have seen."""
+    its data: the default dataset would score it on data it may never have seen; its images are brought to
+    ``img_size``, the input size the model was built for (its spec's), unless ``overrides`` set data.img_size."""
     if config_path is None and dataset is None:
         raise ValueError("the model is not inside a run directory (no config.yaml), so nothing says which data it "
                          "was trained on: pass --dataset NAME (dataset= in Python), and --data-dir if its files "
                          "are not in the default place")
+    square = img_size if isinstance(img_size, int) else \
+        img_size[0] if isinstance(img_size, (list, tuple)) and len(set(img_size)) == 1 else None
+    if config_path is None and square is not None:
+        overrides = [f"data.img_size={square}", *overrides]
     config = load_config(config_path, overrides)
     changes = {"data.dataset": dataset} if dataset is not None else {}
     if data_dir is not None:

@@ -1,6 +1,7 @@
 """Shift consistency: the fraction of images whose predicted class survives a shift of the input."""
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -37,7 +38,13 @@ def shift_images(images: torch.Tensor, dy: int, dx: int, mode: str = "circular",
 
 
 @torch.no_grad()
-def _default_shifts(model: nn.Module) -> List[int]:
+def _default_shifts(model: nn.Module, image_hw: Sequence[int]) -> List[int]:
+    """1..P for a patch model, else the powers of 2 up to the total stride; only shifts smaller than the image (a
+    shift by its size is no shift at all, circularly, and an empty image zero-filled)."""
+    return [s for s in _natural_shifts(model) if s < min(image_hw)]
+
+
+def _natural_shifts(model: nn.Module) -> List[int]:
     if hasattr(model, "patch_embed"):
         return list(range(1, _patch_size(model)[0] + 1))
     info = getattr(model, "feature_info", None)
@@ -57,21 +64,25 @@ def shift_consistency(model: nn.Module, data: Data, shifts: Optional[Iterable[in
     Shift s moves the image by ``(s * dy, s * dx)`` pixels for every ``(dy, dx)`` in ``directions`` (default: the
     diagonal, s pixels down and right, one forward pass per shift; add ``(0, 1), (1, 0)`` for the axes); the
     fraction is over images and directions. ``shifts`` defaults to ``1..P`` for
-    patch size P (a shift of P moves whole patches), and for a timm CNN to the powers of 2 up to its total stride.
-    Works for any classifier returning (B, classes) logits.
+    patch size P (a shift of P moves whole patches), and for a timm CNN to the powers of 2 up to its total stride,
+    in both cases only those smaller than the image. Works for any classifier returning (B, classes) logits.
     """
-    shifts = [int(s) for s in (_default_shifts(model) if shifts is None else shifts)]
-    same = {s: 0 for s in shifts}
+    shifts = None if shifts is None else [int(s) for s in shifts]
+    same: Dict[int, int] = collections.Counter()
     total = 0
     with _eval_mode(model):
         for images in _image_batches(data, max_batches):
             images = _to_model(model, images)
+            if shifts is None:
+                shifts = _default_shifts(model, images.shape[-2:])
             base = model(images).argmax(-1)
             total += images.shape[0] * len(directions)
             for s in shifts:
                 for dy, dx in directions:
                     pred = model(shift_images(images, s * dy, s * dx, mode, fill)).argmax(-1)
                     same[s] += int((pred == base).sum())
+    if not total:
+        raise ValueError("shift_consistency got no images: data (or max_batches) is empty")
     return {s: same[s] / total for s in shifts}
 
 

@@ -824,3 +824,17 @@ def test_a_continued_runs_phases_round_their_step_budget_once_like_the_conv_row(
         assert halves[1].first_epoch == halves[0].epochs and halves[1].total_epochs == halves[0].total_epochs
     restart = configs["two_phase_ours_n6000"]  # two runs: 2000 steps each, 43.5 epochs, both rounded up
     assert [restart.phase_config(p).epochs for p in ("phase1", "phase2")] == [44, 44]
+
+
+def test_a_broken_cell_record_is_named_with_its_fix(tmp_path, capsys):
+    """A record cut short or edited by hand stops the report with the file and how to redo it, not a traceback."""
+    cells = tmp_path / "results" / "table1" / "cells"
+    cells.mkdir(parents=True)
+    record = cells / "cmhsa5__seed0.json"
+    record.write_text('{"cell": "cmhsa5"')
+    assert main(["report", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert f"{record} is not valid JSON" in err and "cmhsa experiment table1 --cells cmhsa5 --seeds 0" in err
+    record.write_text('{"cell": "cmhsa5", "seed": 0}')
+    assert main(["report", str(tmp_path / "results")]) == 2
+    assert "is not a finished cell's record (it lacks label, final, phases" in capsys.readouterr().err

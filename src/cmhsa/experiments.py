@@ -33,7 +33,7 @@ import shutil
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -290,7 +290,7 @@ def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
 
 @functools.lru_cache(maxsize=4096)
 def _record_identity(path: str, mtime_ns: int) -> Optional[tuple]:
-    record = json.loads(Path(path).read_text())
+    record = read_record(path, (*RECORD_KEYS, "kind", "config"))  # what ran: compared with a cell's run
     return _run_identity(record["kind"], recorded_config(record))
 
 
@@ -347,7 +347,7 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
     for entry in cell_configs(spec, budget, seeds, runs_root, only):
         path, minutes = cell_record(out, entry["cell"], entry["seed"]), None
         if _is_finished(entry, path):
-            record = json.loads(path.read_text())
+            record = read_record(path)
             status, detail = "finished", _score(record)
             minutes = record["train_seconds"] / 60
         elif (same := find_finished(entry, results_root)) is not None:
@@ -382,7 +382,7 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
         same = find_finished(entry, results_root)
         if same is not None:
             # the same run already finished in another grid (e.g. efficiency's 2k cells are table1's): reuse it
-            kept = {k: v for k, v in json.loads(same.read_text()).items() if k not in record}
+            kept = {k: v for k, v in read_record(same).items() if k not in record}
             record.update(kept, reused_from=same.relative_to(results_root).as_posix())
             if progress:
                 print(f"{header}: same run as {record['reused_from']}, reused")
@@ -401,4 +401,25 @@ def run_experiment(spec: Dict[str, Any], budget: str = "full", seeds: Optional[I
 
 def read_cells(results: str | Path) -> List[Dict[str, Any]]:
     """Every finished cell record under ``results/cells``."""
-    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("cells/*.json"))]
+    return [read_record(p) for p in sorted(Path(results).glob("cells/*.json"))]
+
+
+# what every finished cell's record holds, whichever grid wrote it (the report reads these)
+RECORD_KEYS = ("cell", "label", "seed", "final", "phases", "params", "train_seconds", "hardware")
+
+
+def read_record(path: str | Path, keys: Sequence[str] = RECORD_KEYS) -> Dict[str, Any]:
+    """A finished cell's record holding ``keys``; a file that is not one (cut short, edited by hand) is an error
+    naming it."""
+    path = Path(path)
+    cell, _, seed = path.stem.rpartition("__seed")
+    fix = (f"delete it and run the cell again (cmhsa experiment {path.parent.parent.name} --cells {cell} --seeds "
+           f"{seed}), or restore it (git checkout -- {path})")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): {fix}") from None
+    missing = [key for key in keys if key not in record] if isinstance(record, dict) else ["everything"]
+    if missing:
+        raise ValueError(f"{path} is not a finished cell's record (it lacks {', '.join(missing)}): {fix}")
+    return record

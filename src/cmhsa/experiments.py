@@ -290,7 +290,7 @@ def _run_identity(kind: str, config: Optional[RunConfig]) -> Optional[tuple]:
 
 @functools.lru_cache(maxsize=4096)
 def _record_identity(path: str, mtime_ns: int) -> Optional[tuple]:
-    record = read_record(path, (*RECORD_KEYS, "kind", "config"))  # what ran: compared with a cell's run
+    record = read_record(path, ("kind", "config"))  # what ran, to compare with a cell's run
     return _run_identity(record["kind"], recorded_config(record))
 
 

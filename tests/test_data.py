@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -316,7 +317,7 @@ def test_bad_names_and_options(mnist_dir):
     with pytest.raises(ValueError, match="light"):
         create_datasets("mnist", 28, 1, data_dir=str(folder), augment="heavy")
     with pytest.raises(ValueError, match="resize"):
-        create_datasets("mnist", 28, 1, data_dir=str(folder), resize="crop")
+        create_datasets("mnist", 28, 1, data_dir=str(folder), resize="stretch")
 
 
 # ----------------------------------------------------------------------------------------- channels, resize
@@ -487,6 +488,30 @@ def test_imagefolder(tmp_path, val_name):
     (tmp_path / val_name / "dog").mkdir()
     with pytest.raises(ValueError, match="dog"):
         create_datasets("imagefolder", 8, 3, data_dir=str(tmp_path))
+
+
+def test_crop_keeps_the_aspect_ratio_and_takes_the_centre(tmp_path):
+    """resize=crop: a 6x10 image into 6x6 is its centre columns, untouched; a 12x20 one is first halved (resize
+    squashes it instead); a 9x4 one is scaled up until it covers 8x8."""
+    rng = np.random.default_rng(0)
+
+    def fitted(array, size, resize):
+        folder = tmp_path / f"{array.shape[0]}x{array.shape[1]}"
+        for split in ("train", "val"):
+            _write_png(folder / split / "a" / "0.png", array)
+        _, val, info = create_datasets("imagefolder", size, 3, data_dir=str(folder), resize=resize, augment="none")
+        return val[0][0] * torch.tensor(info.std)[:, None, None] + torch.tensor(info.mean)[:, None, None]
+
+    wide = rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(wide).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(fitted(wide, 6, "crop"), pixels[:, :, 2:8])
+    big = rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(big).permute(2, 0, 1).float() / 255
+    halved = F.interpolate(pixels[None], size=(6, 10), mode="bicubic", antialias=True)[0].clamp(0, 1)
+    torch.testing.assert_close(fitted(big, 6, "crop"), halved[:, :, 2:8])
+    squashed = F.interpolate(pixels[None], size=(6, 6), mode="bicubic", antialias=True)[0].clamp(0, 1)
+    torch.testing.assert_close(fitted(big, 6, "resize"), squashed)
+    assert fitted(rng.integers(0, 256, (9, 4, 3), dtype=np.uint8), 8, "crop").shape == (3, 8, 8)
 
 
 def test_imagefolder_mixing_grey_and_colour_files_is_colour(tmp_path):

@@ -72,7 +72,7 @@ class DataConfig:
     val_subset: Optional[Union[int, float]] = field(default=None, metadata=_SUBSET)
     augment: str = field(default="light", metadata=_choice("none", "light", "deit"))
     hflip: Optional[bool] = None  # None: flip only where a mirrored image keeps its label (not mnist, digits)
-    resize: str = field(default="pad", metadata=_choice("pad", "resize"))
+    resize: str = field(default="pad", metadata=_choice("pad", "resize", "crop"))
     num_workers: int = field(default=0, metadata=_NON_NEGATIVE)
 
 

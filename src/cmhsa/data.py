@@ -4,7 +4,7 @@ folders, sklearn digits.
 Every dataset yields ``(image, label)``: ``image`` a normalised float tensor ``(in_chans, H, W)``, ``label`` an
 int. The per-item pipeline is
 
-    uint8 image -> grey <-> RGB -> fit to img_size (pad or resize) -> augmentation -> normalise
+    uint8 image -> grey <-> RGB -> fit to img_size (pad, resize or crop) -> augmentation -> normalise
 
 Small datasets live in memory as uint8 ``(N, H, W, C)`` arrays (:class:`ArrayImageDataset`); the
 ``imagefolder`` dataset reads its files on access (:class:`ImageFileDataset`).
@@ -52,7 +52,7 @@ __all__ = [
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "idx", "cifar10", "cifar100", "imagefolder", "digits")
 AUGMENTATIONS = ("none", "light", "deit")
-RESIZE_MODES = ("pad", "resize")
+RESIZE_MODES = ("pad", "resize", "crop")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -189,21 +189,29 @@ def _pad_amounts(size: Tuple[int, int], target: Tuple[int, int]) -> Tuple[int, i
     if h > th or w > tw:
         raise ValueError(
             f"{h}x{w} images do not fit in img_size {th}x{tw}: padding cannot shrink them; "
-            f"scale them instead (data.resize: resize, e.g. --set data.resize=resize) or pad to a larger data.img_size"
+            f"scale them instead (--set data.resize=resize, or data.resize=crop to keep their aspect ratio) or pad "
+            f"to a larger data.img_size"
         )
     top, left = (th - h) // 2, (tw - w) // 2
     return top, th - h - top, left, tw - w - left
 
 
 def _fit(x: torch.Tensor, size: Tuple[int, int], resize: str) -> torch.Tensor:
-    """Pad (centred, zeros) or resize (bicubic, antialiased) a (C, H, W) image in [0, 1] to ``size``."""
+    """Fit a (C, H, W) image in [0, 1] to ``size``: pad (centred, zeros), resize (bicubic, antialiased) or crop
+    (resize keeping the aspect ratio until the image covers ``size``, then its centre)."""
     if tuple(x.shape[-2:]) == size:
         return x
-    if resize == "resize":
-        x = F.interpolate(x[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]
-        return x.clamp_(0, 1)  # bicubic overshoots at edges
-    top, bottom, left, right = _pad_amounts(tuple(x.shape[-2:]), size)
-    return F.pad(x, (left, right, top, bottom))
+    if resize == "pad":
+        top, bottom, left, right = _pad_amounts(tuple(x.shape[-2:]), size)
+        return F.pad(x, (left, right, top, bottom))
+    (h, w), (th, tw) = x.shape[-2:], size
+    scale = max(th / h, tw / w) if resize == "crop" else None
+    scaled = (max(th, round(h * scale)), max(tw, round(w * scale))) if scale is not None else size
+    if scaled != (h, w):
+        x = F.interpolate(x[None], size=scaled, mode="bicubic", align_corners=False, antialias=True)[0]
+        x = x.clamp_(0, 1)  # bicubic overshoots at edges
+    top, left = (scaled[0] - th) // 2, (scaled[1] - tw) // 2
+    return x[:, top:top + th, left:left + tw]
 
 
 def _random_crop_flip(x: torch.Tensor, padding: int, hflip: bool) -> torch.Tensor:
@@ -706,7 +714,10 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
     - ``hflip``: whether the augmentations flip horizontally; None (default) flips only datasets whose mirrored
       images keep their labels (:attr:`DatasetInfo.hflip`: not ``mnist`` or ``digits``).
     - ``resize``: ``"pad"`` centres the image in a zero border (an error if it is larger than ``img_size``);
-      ``"resize"`` resizes bicubically. Images already at ``img_size`` are left alone.
+      ``"resize"`` resizes bicubically to ``img_size`` (changing the aspect ratio if it differs); ``"crop"``
+      resizes keeping the aspect ratio until the image covers ``img_size`` and takes its centre (timm's eval
+      transform; "deit" training still uses a random resized crop). Images already at ``img_size`` are left
+      alone.
     - ``in_chans``: 1 or 3. Grey images become RGB by repetition (mean/std repeated); RGB images become grey by
       luminance (mean/std computed on the converted training set).
 

@@ -124,10 +124,11 @@ def test_continue_schedule_makes_phase_2_the_rest_of_phase_1s_run():
     scaled = c.set({"phase2.lr_scale": {"*.mixer.*": 0.5}})  # multipliers on the same schedule, for its own params
     assert scaled.phase_config("phase2").lr_scale == {"*.mixer.*": 0.5} and scaled.phase_config("phase1").lr_scale == {}
     # phase 2 may be shorter than phase 1's warm-up, which counts within the whole schedule
-    short = load_config(CONFIGS / "fmnist_tiny_midrun.yaml", ["phase1.epochs=2", "phase2.epochs=1"]).phase_config("phase2")
+    warm = ["phase1.epochs=2", "phase2.epochs=1", "phase1.warmup_epochs=1"]
+    short = load_config(CONFIGS / "fmnist_tiny_midrun.yaml", warm).phase_config("phase2")
     assert (short.epochs, short.warmup_epochs, short.first_epoch, short.schedule_epochs) == (1, 1, 2, 3)
     with pytest.raises(ValueError, match="phase1 .*warmup_epochs must be in"):  # phase 1 must outlast it
-        load_config(CONFIGS / "fmnist_tiny_midrun.yaml", ["phase1.epochs=1", "phase2.epochs=1"])
+        load_config(CONFIGS / "fmnist_tiny_midrun.yaml", [*warm[1:], "phase1.epochs=1"])
     with pytest.raises(ValueError, match=r"phase2.lr=0.0005 \(phase 1: 0.002\)\. Unset those phase2 keys"):
         load_config(CONFIGS / "fmnist_tiny.yaml", ["convert.continue_schedule=true", "phase2.warmup_epochs=null"])
     with pytest.raises(ValueError, match="unknown config key 'phase2.first_epoch'"):  # set by the run config only
@@ -239,3 +240,35 @@ def test_old_style_records_still_count_as_finished(tmp_path):
     # an old record with convert.form: the key was ignored then, so it ran the paper form, whatever it says
     factorized = dict(record, config={**old, "convert": {**old["convert"], "form": "factorized"}})
     assert recorded_config(factorized) is None
+
+
+def test_a_budget_in_steps_becomes_the_epochs_it_comes_to_for_the_data():
+    """The main job's 780 + 468 steps (one continued run, batch 128) are its 20 + 12 epochs on 5,000 images, and as
+    many steps on 1,000 (7 batches an epoch): the run's total is rounded once, so phase 2 takes the rest."""
+    config = load_config(CONFIGS / "fmnist_tiny_midrun.yaml")
+    assert config.budget_in_steps
+    with pytest.raises(ValueError, match="budget in steps: RunConfig.in_epochs"):
+        config.phase_config("phase1")
+    at_5000 = config.in_epochs(5000)
+    first, second = at_5000.phase_config("phase1"), at_5000.phase_config("phase2")
+    assert (first.epochs, first.warmup_epochs, second.epochs, second.schedule_epochs) == (20, 1, 12, 32)
+    assert not at_5000.budget_in_steps and at_5000.in_epochs(10) == at_5000  # nothing left to convert
+    at_1000 = config.in_epochs(1000)
+    first, second = at_1000.phase_config("phase1"), at_1000.phase_config("phase2")
+    assert (first.epochs, first.warmup_epochs) == (112, 6)  # ceil(780 / 7), ceil(39 / 7)
+    assert first.epochs + second.epochs == second.schedule_epochs == 179  # ceil(1248 / 7), not 112 + ceil(468 / 7)
+    assert config.in_epochs(2000, world_size=2).phase_config("phase1").epochs == 112  # 1,000 images per process
+
+    two_runs = load_config(CONFIGS / "fmnist_tiny.yaml", ["phase1.steps=100", "phase2.steps=50", "train.batch_size=64"])
+    assert (two_runs.in_epochs(640).phase1.epochs, two_runs.in_epochs(640).phase2.epochs) == (10, 5)
+    assert two_runs.in_epochs(700).phase1.epochs == 10  # a partial batch is dropped: still 10 batches an epoch
+    with pytest.raises(ValueError, match="phase1: 50 training images make no batch of 64"):
+        two_runs.in_epochs(50)
+    # a length on the command line replaces the file's, whichever unit either is in
+    assert not load_config(CONFIGS / "fmnist_tiny_midrun.yaml", ["phase1.epochs=2", "phase1.warmup_epochs=0",
+                                                                  "phase2.epochs=1"]).budget_in_steps
+    assert load_config(CONFIGS / "fmnist_tiny.yaml", ["phase1.steps=30"]).phase1.epochs is None
+    with pytest.raises(ValueError, match="phase1.epochs and phase1.steps are both set: keep one"):
+        RunConfig.from_dict({"phase1": {"epochs": 3, "steps": 30}})
+    with pytest.raises(ValueError, match="warmup_steps must be in \\[0, steps=30\\), got 30"):
+        load_config(CONFIGS / "fmnist_tiny.yaml", ["phase1.steps=30", "phase1.warmup_steps=30"])

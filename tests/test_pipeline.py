@@ -272,15 +272,32 @@ def test_paper_cifar100_config_runs_one_step(tmp_path, kernel):
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_preset_is_valid(preset):
-    config = load_config(CONFIGS / preset)
+    config = load_config(CONFIGS / preset).in_epochs(5000)  # a budget in steps as epochs for 5,000 images
     for phase in ("phase1", "phase2"):
         cfg = config.phase_config(phase, 10)
         assert cfg.epochs >= 1 and cfg.lr > 0
     assert config.model.name.startswith("cmhsa") and "_conv_" in config.model.name
 
 
+def test_a_budget_in_steps_trains_the_epochs_it_comes_to_and_the_run_keeps_them(tmp_path):
+    """phase1.steps / phase2.steps of one continued run: as many epochs as hold the steps for this data (the run's
+    total rounded once); config.yaml keeps those epochs, so the same command resumes it."""
+    images = cmdata.train_image_count("digits")
+    per_epoch = images // 64
+    steps = [o for o in TINY if not o.startswith(("phase1.epochs", "phase2.epochs", "phase2.lr"))] + [
+        f"output={tmp_path}", "name=steps", "convert.continue_schedule=true", f"phase1.steps={per_epoch + 1}",
+        f"phase2.steps={per_epoch - 2}"]
+    summary = run_pipeline(load_config(None, steps), progress=False)
+    # phase 1: ceil((per_epoch + 1) / per_epoch) = 2 epochs, which already hold the run's 2 * per_epoch - 1 steps;
+    # phase 2 still gets one epoch
+    assert (summary["phase1"]["epochs"], summary["phase2"]["epochs"]) == (2, 1)
+    saved = RunDir(tmp_path).saved_config()
+    assert (saved.phase1.epochs, saved.phase1.steps, saved.phase2.epochs) == (2, None, 1)
+    assert run_pipeline(load_config(None, steps), progress=False)["phase2"]["val_top1"] == summary["phase2"]["val_top1"]
+
+
 def test_the_mid_run_preset_is_one_run_converted_softly_at_phase_1s_end():
-    config = load_config(CONFIGS / "fmnist_tiny_midrun.yaml")
+    config = load_config(CONFIGS / "fmnist_tiny_midrun.yaml").in_epochs(5000)
     first, second = config.phase_config("phase1"), config.phase_config("phase2")
     assert config.convert.continue_schedule and config.convert.bias_strength < 60  # soft: the attention can move
     assert first.schedule_epochs == second.schedule_epochs == first.epochs + second.epochs

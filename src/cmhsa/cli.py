@@ -170,10 +170,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine import distributed_session
-    from .pipeline import create_model, model_spec, open_run, spec_label, train_phase
+    from .pipeline import create_model, model_spec, open_run, spec_label, train_phase, with_epochs
 
     config = _load_run_config(args)
     with distributed_session():
+        config = with_epochs(config)
         spec = model_spec(config)
         model = create_model(spec, config.phase_config(args.phase).seed)
         with open_run(config, resume=not args.no_resume) as run:

@@ -30,7 +30,7 @@ from .atomic import atomic_write_text
 from .convert import DEFAULT_BIAS_STRENGTH
 
 __all__ = ["DataConfig", "ModelConfig", "ConvertConfig", "TrainConfig", "PhaseConfig", "RunConfig", "load_config",
-           "apply_overrides", "save_config", "CONVERT_FORMS", "PHASES", "RESUME_FREE_KEYS"]
+           "apply_overrides", "save_config", "epochs_for_steps", "CONVERT_FORMS", "PHASES", "RESUME_FREE_KEYS"]
 
 PHASES = ("phase1", "phase2")
 CONVERT_FORMS = ("paper", "factorized", "local", "tied")
@@ -107,6 +107,10 @@ class TrainConfig:
     """One phase's training settings, the input of :func:`cmhsa.engine.fit`; names follow timm's ``train.py``."""
 
     epochs: int = field(default=10, metadata=_AT_LEAST_1)
+    # A budget in optimizer steps, whatever the data's size: when set, it decides the length (epochs is not used)
+    # and RunConfig.in_epochs turns it into the epochs it comes to for the images trained on. Likewise warm-up.
+    steps: Optional[int] = field(default=None, metadata=_AT_LEAST_1)
+    warmup_steps: Optional[int] = field(default=None, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=128, metadata=_AT_LEAST_1)  # for callers building loaders
     lr: float = field(default=5e-4, metadata=_POSITIVE)
     min_lr: float = field(default=1e-5, metadata=_NON_NEGATIVE)
@@ -152,6 +156,10 @@ class TrainConfig:
         for pattern, scale in self.lr_scale.items():
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
                 raise ValueError(f"lr_scale[{pattern!r}] must be a number >= 0 (a multiplier of lr), got {scale!r}")
+        if self.steps is not None or self.warmup_steps is not None:
+            if None not in (self.steps, self.warmup_steps) and not self.warmup_steps < self.steps:
+                raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+            return  # the epoch checks below run once the steps are epochs (RunConfig.in_epochs)
         if not self.warmup_epochs < self.total_epochs:
             raise ValueError(f"warmup_epochs must be in [0, epochs={self.total_epochs}), got {self.warmup_epochs}: "
                              f"lower warmup_epochs (0 switches warm-up off) or raise epochs")
@@ -206,7 +214,7 @@ class RunConfig:
                 config._layered(phase)
             except ValueError as e:
                 raise ValueError(f"{phase} (train layered with {phase}): {e}") from None
-        if config.convert.continue_schedule:
+        if config.convert.continue_schedule and not config.budget_in_steps:
             config.phase_config("phase2")  # its error names the phase-2 keys at fault
         return config
 
@@ -237,13 +245,60 @@ class RunConfig:
         under ``convert.continue_schedule`` the phase's part of phase 1's run."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if self.budget_in_steps:
+            raise ValueError("this config has a budget in steps: RunConfig.in_epochs(train_images) turns it into "
+                             "the epochs it comes to for the data first")
         if self.convert.continue_schedule:
             return self._continued_phase_config(phase, num_classes)
         return self._layered(phase, num_classes=num_classes)
 
     def _layered(self, phase: str, **derived) -> TrainConfig:
-        """``train`` with the phase section's set fields."""
-        return dataclasses.replace(self.train, **_set_fields(getattr(self, phase)), **derived)
+        """``train`` with the phase section's set fields; a phase's own epochs beat a budget in steps from train."""
+        own = _set_fields(getattr(self, phase))
+        for length, budget in (("epochs", "steps"), ("warmup_epochs", "warmup_steps")):
+            if length in own and budget in own:
+                raise ValueError(f"{phase}.{length} and {phase}.{budget} are both set: keep one (a budget in steps "
+                                 f"becomes epochs for the data's size)")
+            if length in own:
+                own[budget] = None
+        return dataclasses.replace(self.train, **own, **derived)
+
+    @property
+    def budget_in_steps(self) -> bool:
+        """Whether a phase's length or warm-up is in optimizer steps (see :meth:`in_epochs`)."""
+        return any(getattr(self._layered(phase), key) is not None
+                   for phase in PHASES for key in ("steps", "warmup_steps"))
+
+    def in_epochs(self, train_images: int, world_size: int = 1) -> "RunConfig":
+        """This config with its budgets in steps as the epochs they come to on ``train_images`` training images,
+        in batches of each phase's ``batch_size`` per process of ``world_size`` (a partial batch is dropped):
+        ``epochs = ceil(steps / batches per epoch)``. The phases of one continued run (``convert.continue_schedule``)
+        round at the end of each, so the run's total is rounded once; its phase 2 lasts as long as phase 1 unless
+        it sets its own length. A config without steps comes back as it is."""
+        if not self.budget_in_steps:
+            return self
+        changes: Dict[str, Any] = {f"{section}.{key}": None for section in ("train", *PHASES)
+                                   for key in ("steps", "warmup_steps")}
+        continued, before = self.convert.continue_schedule, 0  # steps of the run's earlier phases
+        first = self._layered("phase1")
+        for phase in PHASES:
+            cfg = self._layered(phase)
+            if continued and phase == "phase2":  # the rest of phase 1's run, with its batch size
+                own = _set_fields(self.phase2)
+                cfg = dataclasses.replace(first, epochs=own.get("epochs", first.epochs),
+                                          steps=own.get("steps", None if "epochs" in own else first.steps),
+                                          warmup_steps=own.get("warmup_steps"))
+            per_epoch = math.ceil(train_images / world_size) // cfg.batch_size
+            if per_epoch < 1:
+                raise ValueError(f"{phase}: {train_images} training images make no batch of {cfg.batch_size}"
+                                 f"{f' on each of {world_size} processes' if world_size > 1 else ''}; lower "
+                                 f"batch_size or train on more images")
+            if cfg.steps is not None:  # at least one epoch, though phase 1's rounding may already hold the steps
+                changes[f"{phase}.epochs"] = max(1, epochs_for_steps(cfg.steps, per_epoch, before if continued else 0))
+            if cfg.warmup_steps is not None:
+                changes[f"{phase}.warmup_epochs"] = epochs_for_steps(cfg.warmup_steps, per_epoch)
+            before += cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
+        return self.set(changes)
 
     def _continued_phase_config(self, phase: str, num_classes: int) -> TrainConfig:
         """``convert.continue_schedule``: both phases are parts of phase 1's run, whose schedule spans both; phase 2
@@ -265,6 +320,15 @@ class RunConfig:
 
     def run_dir(self) -> Path:
         return Path(self.output or Path("runs") / self.name)
+
+
+_LENGTH_UNITS = {"epochs": "steps", "steps": "epochs", "warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
+
+
+def epochs_for_steps(steps: int, batches_per_epoch: int, before: int = 0) -> int:
+    """The whole epochs of ``batches_per_epoch`` that hold ``steps`` optimizer steps following ``before`` steps of
+    the same run: a run's epoch count is rounded up once, not phase by phase."""
+    return math.ceil((before + steps) / batches_per_epoch) - math.ceil(before / batches_per_epoch)
 
 
 def _set_fields(section) -> Dict[str, Any]:
@@ -471,6 +535,11 @@ def apply_overrides(config: RunConfig, overrides: Iterable[str]) -> RunConfig:
     parsed = parse_overrides(overrides)
     if not parsed:
         return config
+    for dotted in list(parsed):  # a length on the command line replaces the file's, in steps or in epochs
+        section, _, key = dotted.rpartition(".")
+        other = _LENGTH_UNITS.get(key)
+        if other and f"{section}.{other}" not in parsed and (section in PHASES or other.endswith("steps")):
+            parsed[f"{section}.{other}"] = None
     config = config.set(parsed)
     _check_reaches_phases(config, parsed)
     return config

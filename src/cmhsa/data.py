@@ -46,6 +46,7 @@ __all__ = [
     "ImageFileDataset",
     "dataset_info",
     "stratified_subset",
+    "train_image_count",
     "create_datasets",
     "create_loader",
 ]
@@ -628,6 +629,14 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     """
     name = _check_name(name)
     return _info(name, _load(name, data_dir))
+
+
+def train_image_count(name: str, data_dir: str | None = None, train_subset: Union[int, float, None] = None) -> int:
+    """How many images :func:`create_datasets` trains on for this dataset and ``train_subset``."""
+    name = _check_name(name)
+    labels = _load(name, data_dir).train_labels
+    indices = _subset(labels, train_subset, 0, "train_subset", name)
+    return len(labels) if indices is None else len(indices)
 
 
 def stratified_subset(labels: Union[Sequence[int], np.ndarray, torch.Tensor], size: Union[int, float],

@@ -27,7 +27,6 @@ import dataclasses
 import difflib
 import functools
 import json
-import math
 import platform
 import shutil
 import statistics
@@ -40,10 +39,11 @@ import torch
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import PHASES, RESUME_FREE_KEYS, RunConfig, load_config, parse_overrides, read_yaml
+from .config import PHASES, RESUME_FREE_KEYS, RunConfig, epochs_for_steps, load_config, parse_overrides, read_yaml
 from .engine import evaluate, resolve_device, resolve_precision
 from .layout import BUDGETS, cell_record, grid_dir
-from .pipeline import build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase
+from .pipeline import (build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase,
+                       with_epochs)
 from .provenance import git_state
 from .rundir import RunDir, RunDirLocked
 
@@ -124,7 +124,7 @@ def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) 
             per_epoch = n // batch
             if per_epoch < 1:
                 raise ValueError(f"cell {cell['name']!r}: batch size {batch} exceeds the {n} training images")
-            settings[f"{phase}.{epochs_key}"] = math.ceil((before + steps) / per_epoch) - math.ceil(before / per_epoch)
+            settings[f"{phase}.{epochs_key}"] = epochs_for_steps(steps, per_epoch, before)
             if key == "steps" and config.convert.continue_schedule:
                 before += steps
     return settings
@@ -152,7 +152,8 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
         for cell in spec["cells"]:
             if only and cell["name"] not in only:
                 continue
-            config = load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", [])])
+            # a base config's own budget in steps as epochs for the cell's data, before the grid's budget
+            config = with_epochs(load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", [])]))
             # one set: the step budget's epochs and the budget's overrides only have to be valid together
             config = config.set({**_step_budget(spec, cell, config), **parse_overrides(budget_overrides),
                                  "train.seed": seed, "name": cell["name"],

@@ -46,6 +46,17 @@ def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[Da
     return train, val, info
 
 
+def with_epochs(config: RunConfig) -> RunConfig:
+    """``config`` with a budget in steps as the epochs it comes to for the images this run trains on, split over
+    the processes of a torchrun (:meth:`RunConfig.in_epochs`); the run directory keeps this, what ran."""
+    if not config.budget_in_steps:
+        return config
+    d = config.data
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return config.in_epochs(cmdata.train_image_count(d.dataset, d.data_dir, d.train_subset),
+                            torch.distributed.get_world_size() if distributed else 1)
+
+
 def takes_img_size(name: str, kwargs: Dict[str, Any], img_size: Any) -> bool:
     """Whether timm's model ``name`` (with ``kwargs``) takes ``img_size``: transformers fix their token grid to it,
     CNNs take images of any size and reject the argument. Probed on the meta device (no memory, no init cost)."""
@@ -228,6 +239,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
 
     The directory is locked while the run writes it; resuming refuses a directory that holds another config."""
     init_distributed()
+    config = with_epochs(config)
     spec1 = model_spec(config)
     conv_model = create_model(spec1, seed=config.phase_config("phase1").seed)
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":

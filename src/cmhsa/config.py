@@ -289,7 +289,7 @@ class RunConfig:
                                           steps=own.get("steps", None if "epochs" in own else first.steps),
                                           warmup_steps=own.get("warmup_steps"))
             per_epoch = math.ceil(train_images / world_size) // cfg.batch_size
-            if per_epoch < 1:
+            if per_epoch < 1 and (cfg.steps is not None or cfg.warmup_steps is not None):
                 raise ValueError(f"{phase}: {train_images} training images make no batch of {cfg.batch_size}"
                                  f"{f' on each of {world_size} processes' if world_size > 1 else ''}; lower "
                                  f"batch_size or train on more images")

@@ -279,7 +279,7 @@ def test_every_preset_is_valid(preset):
     assert config.model.name.startswith("cmhsa") and "_conv_" in config.model.name
 
 
-def test_a_budget_in_steps_trains_the_epochs_it_comes_to_and_the_run_keeps_them(tmp_path):
+def test_a_budget_in_steps_trains_the_epochs_it_comes_to_and_the_run_keeps_them(tmp_path, capsys):
     """phase1.steps / phase2.steps of one continued run: as many epochs as hold the steps for this data (the run's
     total rounded once); config.yaml keeps those epochs, so the same command resumes it."""
     images = cmdata.train_image_count("digits")
@@ -294,6 +294,8 @@ def test_a_budget_in_steps_trains_the_epochs_it_comes_to_and_the_run_keeps_them(
     saved = RunDir(tmp_path).saved_config()
     assert (saved.phase1.epochs, saved.phase1.steps, saved.phase2.epochs) == (2, None, 1)
     assert run_pipeline(load_config(None, steps), progress=False)["phase2"]["val_top1"] == summary["phase2"]["val_top1"]
+    pipeline.with_epochs(load_config(None, steps), progress=True)
+    assert f"budget in steps: {images} training images make it phase1 2, phase2 1 epochs" in capsys.readouterr().out
 
 
 def test_the_mid_run_preset_is_one_run_converted_softly_at_phase_1s_end():

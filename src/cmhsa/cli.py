@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _load_run_config(args)
     with distributed_session():
-        config = with_epochs(config)
+        config = with_epochs(config, progress=True)
         spec = model_spec(config)
         model = create_model(spec, config.phase_config(args.phase).seed)
         with open_run(config, resume=not args.no_resume) as run:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from . import data as cmdata
 from .atomic import atomic_path
 from .checkpoint import load_weights, read_optimizer_state
-from .config import RunConfig, TrainConfig, load_config
+from .config import PHASES, RunConfig, TrainConfig, load_config
 from .engine import (TrainState, all_ranks_agree, build_optimizer, evaluate, fit, init_distributed, is_main_process,
                      resolve_device, resolve_precision, seed_everything, transfer_optimizer_state)
 from .models import CMHSA, continued_parameter, convert_model, transfer_error
@@ -46,15 +46,20 @@ def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[Da
     return train, val, info
 
 
-def with_epochs(config: RunConfig) -> RunConfig:
+def with_epochs(config: RunConfig, progress: bool = False) -> RunConfig:
     """``config`` with a budget in steps as the epochs it comes to for the images this run trains on, split over
-    the processes of a torchrun (:meth:`RunConfig.in_epochs`); the run directory keeps this, what ran."""
+    the processes of a torchrun (:meth:`RunConfig.in_epochs`); the run directory keeps this, what ran. With
+    ``progress`` it says how many epochs that is."""
     if not config.budget_in_steps:
         return config
     d = config.data
+    images = cmdata.train_image_count(d.dataset, d.data_dir, d.train_subset)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return config.in_epochs(cmdata.train_image_count(d.dataset, d.data_dir, d.train_subset),
-                            torch.distributed.get_world_size() if distributed else 1)
+    resolved = config.in_epochs(images, torch.distributed.get_world_size() if distributed else 1)
+    if progress and is_main_process():
+        epochs = ", ".join(f"{phase} {resolved.phase_config(phase).epochs}" for phase in PHASES)
+        print(f"budget in steps: {images} training images make it {epochs} epochs")
+    return resolved
 
 
 def takes_img_size(name: str, kwargs: Dict[str, Any], img_size: Any) -> bool:
@@ -239,7 +244,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
 
     The directory is locked while the run writes it; resuming refuses a directory that holds another config."""
     init_distributed()
-    config = with_epochs(config)
+    config = with_epochs(config, progress)
     spec1 = model_spec(config)
     conv_model = create_model(spec1, seed=config.phase_config("phase1").seed)
     if not isinstance(conv_model, CMHSA) or conv_model.config["mixer"] != "conv":

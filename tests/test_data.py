@@ -27,6 +27,7 @@ from cmhsa.data import (
     create_datasets,
     create_loader,
     dataset_info,
+    describe_augmentation,
     stratified_subset,
 )
 
@@ -524,6 +525,17 @@ def test_imagefolder_mixing_grey_and_colour_files_is_colour(tmp_path):
     for j in (1, 2):
         (tmp_path / "train" / "a" / f"{j}.png").unlink()
     assert dataset_info("imagefolder", str(tmp_path)).in_chans == 1
+
+
+def test_augmentation_is_described_as_applied():
+    """What a run's summary says its training images went through: the flip follows the dataset unless set."""
+    digits, fashion = dataset_info("digits"), dataset_info("fashion_mnist")
+    assert describe_augmentation("light", None, digits) == \
+        "light: random crop, no flip (a mirrored image may change its label)"
+    assert describe_augmentation("light", True, digits) == "light: random crop, horizontal flip"
+    assert describe_augmentation("deit", None, fashion) == \
+        "deit: random resized crop, RandAugment, random erasing, horizontal flip (a mirrored image keeps its label)"
+    assert describe_augmentation("none", True, fashion) == "none"
 
 
 def test_digits_split_is_a_stratified_partition():

@@ -52,7 +52,8 @@ def test_run_directory_holds_everything(run):
     # no subset: the summary counts the images trained on, the whole train split
     train_split = cmdata.create_datasets("digits", img_size=8, in_chans=1)[0]
     assert summary["train_images"] == len(train_split) > 1000
-    assert f"Dataset: digits, {len(train_split)} training images." in (out / "summary.md").read_text()
+    assert f"Dataset: digits, {len(train_split)} training images; augmentation none." in \
+        (out / "summary.md").read_text()
 
 
 def test_conversion_is_exact_and_keeps_accuracy(run):

@@ -47,6 +47,7 @@ __all__ = [
     "dataset_info",
     "stratified_subset",
     "train_image_count",
+    "describe_augmentation",
     "create_datasets",
     "create_loader",
 ]
@@ -629,6 +630,19 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     """
     name = _check_name(name)
     return _info(name, _load(name, data_dir))
+
+
+def describe_augmentation(augment: str, hflip: Optional[bool], info: DatasetInfo) -> str:
+    """What :func:`create_datasets` does to training images with these settings, in words, e.g. for a run's summary
+    ("light: random crop, no flip (a mirrored image may change its label)")."""
+    flip = info.hflip if hflip is None else hflip
+    steps = {"none": [], "light": ["random crop"],
+             "deit": ["random resized crop", "RandAugment", "random erasing"]}[augment]
+    if augment == "none":
+        return "none"
+    why = ("" if hflip is not None else " (a mirrored image keeps its label)" if flip
+           else " (a mirrored image may change its label)")
+    return f"{augment}: {', '.join(steps)}, {'horizontal flip' if flip else 'no flip'}{why}"
 
 
 def train_image_count(name: str, data_dir: str | None = None, train_subset: Union[int, float, None] = None) -> int:

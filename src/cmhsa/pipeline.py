@@ -255,7 +255,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         phase1 = train_phase(conv_model, spec1, config, "phase1", run.phase("phase1"), resume, progress)
 
         cfg2 = config.phase_config("phase2", num_classes)
-        train_loader2, val_loader, _ = build_loaders(config, cfg2.batch_size, spec1["kwargs"]["in_chans"])
+        train_loader2, val_loader, info = build_loaders(config, cfg2.batch_size, spec1["kwargs"]["in_chans"])
         sample = next(iter(val_loader))[0][:16]
         attn_model, transfer = _convert(conv_model, config, sample)
         device = resolve_device(cfg2)
@@ -275,7 +275,8 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", run.phase("phase2"), resume,
                              progress, loaders=(train_loader2, val_loader), on_start=carry)
         summary = _summarize(config, run, phase1, phase2, transfer, conv_model, attn_model,
-                             train_images=len(train_loader2.dataset))
+                             train_images=len(train_loader2.dataset),
+                             augmentation=cmdata.describe_augmentation(config.data.augment, config.data.hflip, info))
         if is_main_process():
             with atomic_path(run.curves_path) as tmp:
                 plot_curves({p: run.phase(p).read_metrics() for p in ("phase1", "phase2")}, tmp, title=config.name)
@@ -298,11 +299,11 @@ def _phase_row(phase_dir: PhaseDir, final: Dict[str, Any], params: int) -> Dict[
 
 
 def _summarize(config: RunConfig, run: RunDir, phase1, phase2, transfer, conv_model: nn.Module,
-               attn_model: nn.Module, train_images: int) -> Dict[str, Any]:
+               attn_model: nn.Module, train_images: int, augmentation: str) -> Dict[str, Any]:
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     return {
         "name": config.name, "dataset": config.data.dataset, "train_subset": config.data.train_subset,
-        "train_images": train_images,
+        "train_images": train_images, "augmentation": augmentation,
         "phase1": _phase_row(run.phase("phase1"), phase1, count(conv_model)),
         "phase2": _phase_row(run.phase("phase2"), phase2, count(attn_model)),
         "transfer": transfer, "git": git_state(),  # the code that wrote this summary
@@ -322,7 +323,8 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
                     f"{r['val_top5']:.2f} | {r['val_loss']:.4f} | {r['train_seconds']:.0f} | "
                     f"{r['images_per_second']:.0f} |")
     return "\n".join([
-        f"# {s['name']}", "", f"Dataset: {s['dataset']}, {s['train_images']} training images.", "", *rows, "",
+        f"# {s['name']}", "", f"Dataset: {s['dataset']}, {s['train_images']} training images; augmentation "
+        f"{s['augmentation']}.", "", *rows, "",
         ("No conversion (convert.keep_conv, a control): phase 2 trained the convolution model on; max "
          if t.get("keep_conv") else
          f"Conversion ({t.get('form', 'paper')} form, bias strength {t['bias_strength']:g}, null key "

@@ -605,15 +605,14 @@ def _info(name: str, raw: _Raw) -> DatasetInfo:
     if isinstance(raw.train, np.ndarray):
         native_size, chans = tuple(raw.train.shape[1:3]), raw.train.shape[3]
     else:
-        with Image.open(raw.train[0]) as image:
-            native_size = (image.height, image.width)
         # Colour if any sampled image is: a folder that mixes grey and colour files is a colour dataset,
-        # whichever file sorts first.
-        modes = set()
+        # whichever file sorts first. The native size is the first file's (the sample starts with it).
+        sizes, modes = [], set()
         for path in _sample(raw.train):
             with Image.open(path) as image:
+                sizes.append((image.height, image.width))
                 modes.add(Image.getmodebase(image.mode))
-        chans = 1 if modes == {"L"} else 3
+        native_size, chans = sizes[0], 1 if modes == {"L"} else 3
     mean, std = _stats(name, raw, chans)
     return DatasetInfo(name, len(raw.classes), chans, native_size, mean, std, raw.classes, _HFLIP_KEEPS_LABEL[name])
 
@@ -635,14 +634,18 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
 def describe_augmentation(augment: str, hflip: Optional[bool], info: DatasetInfo) -> str:
     """What :func:`create_datasets` does to training images with these settings, in words, e.g. for a run's summary
     ("light: random crop, no flip (a mirrored image may change its label)")."""
-    flip = info.hflip if hflip is None else hflip
-    steps = {"none": [], "light": ["random crop"],
-             "deit": ["random resized crop", "RandAugment", "random erasing"]}[augment]
     if augment == "none":
         return "none"
+    flip = _flip(hflip, info)
+    steps = {"light": ["random crop"], "deit": ["random resized crop", "RandAugment", "random erasing"]}[augment]
     why = ("" if hflip is not None else " (a mirrored image keeps its label)" if flip
            else " (a mirrored image may change its label)")
     return f"{augment}: {', '.join(steps)}, {'horizontal flip' if flip else 'no flip'}{why}"
+
+
+def _flip(hflip: Optional[bool], info: DatasetInfo) -> bool:
+    """Whether training images are flipped: ``hflip`` if set, else where the dataset's mirrored images keep labels."""
+    return info.hflip if hflip is None else hflip
 
 
 def train_image_count(name: str, data_dir: str | None = None, train_subset: Union[int, float, None] = None) -> int:
@@ -776,7 +779,7 @@ def create_datasets(name: str, img_size: IntOrPair, in_chans: int, data_dir: str
     val_indices = _subset(raw.val_labels, val_subset, 0, "val_subset", name)
     if hflip is not None and not isinstance(hflip, bool):
         raise ValueError(f"hflip must be True, False or None (the dataset's default), got {hflip!r}")
-    flip = info.hflip if hflip is None else hflip
+    flip = _flip(hflip, info)
     if augment == "deit":
         train_transform = _DeitTransform(size, in_chans, mean, std, pad=resize == "pad", hflip=flip)
     else:

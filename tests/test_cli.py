@@ -184,3 +184,13 @@ def test_bad_flags_in_a_subprocess_print_no_traceback():
 def test_console_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "cmhsa", "verify", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--bias-strength" in out.stdout and "--no-null-key" in out.stdout
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """``cmhsa <command> --help`` explains each flag: none is listed bare."""
+    import argparse
+
+    subcommands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {action.option_strings[-1]}" for name, parser in subcommands.choices.items()
+            for action in parser._actions if action.option_strings and not action.help]
+    assert not bare, f"options without help: {bare}"

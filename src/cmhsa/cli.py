@@ -343,7 +343,8 @@ def _add_convert_net_parser(sub) -> None:
     p.add_argument("--img-size", type=int, nargs="+", required=True, metavar="S",
                    help="input size S or H W the twin is built for")
     p.add_argument("--form", default="paper", help="attention layer form of conv_to_mhsa (default: paper)")
-    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
+    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH,
+                   help=f"relative position bias beta on each head's offset (default: {DEFAULT_BIAS_STRENGTH:g})")
     p.add_argument("--qk-std", type=float, default=0.0,
                    help="> 0 starts W_Q, W_K small and random so fine-tuning can learn content attention")
     p.add_argument("--strict", action="store_true", help="fail on the first selected layer that cannot convert")
@@ -390,6 +391,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(f"wrote {write_report(args.results, budget=args.budget, configs=args.configs)}")
     return 0
+
+
+def add_which_argument(p: argparse.ArgumentParser) -> None:
+    """``--which``: the checkpoint a command reads from a phase directory (eval, convert, analyze)."""
+    p.add_argument("--which", choices=["last", "best"], default="last",
+                   help="checkpoint in a phase dir: the final epoch's or the best val top-1's (default: last)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -466,14 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "own config's dataset, or of --dataset (which a model outside a run, such as "
                                    "`cmhsa convert`'s output, needs).")
     p.add_argument("checkpoint", type=Path, help="run dir, phase dir (runs/x/phase2) or checkpoint dir")
-    p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint in a phase dir")
+    add_which_argument(p)
     p.add_argument("--dataset", default=None,
                    help="dataset name (default: the run's own; a model outside a run needs it)")
     p.add_argument("--data-dir", default=None, help="dataset location (default: the run's own)")
     p.add_argument("--full-val", action="store_true", help="evaluate on the whole validation split")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override the run's config, e.g. data.img_size=32")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="default: auto (what it picks: cmhsa train --help)")
     p.set_defaults(func=cmd_eval)
@@ -483,8 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model; writes model.safetensors, model.json and convert.json (float64 error).")
     p.add_argument("checkpoint", type=Path, help="phase-1 dir or checkpoint dir (runs/x/phase1 or runs/x/phase1/last)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--which", choices=["last", "best"], default="last")
-    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH)
+    add_which_argument(p)
+    p.add_argument("--bias-strength", type=float, default=DEFAULT_BIAS_STRENGTH,
+                   help=f"relative position bias beta on each head's offset: exact for large beta, softer (e.g. 12) "
+                        f"lets phase 2 learn (default: {DEFAULT_BIAS_STRENGTH:g})")
     p.add_argument("--no-null-key", action="store_true", help="the paper's layer, without the null key")
     _add_form_args(p)
     p.set_defaults(func=cmd_convert)

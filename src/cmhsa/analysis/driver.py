@@ -200,6 +200,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``cmhsa analyze`` on an ``add_subparsers()`` object; its ``func`` is :func:`cmd_analyze`."""
+    from ..cli import add_which_argument
+
     p = subparsers.add_parser(
         "analyze", help="attention distance, CKA, remaining convolution and shift consistency of a model",
         description="Analyse a run, phase or checkpoint directory on validation images: attention distance per "
@@ -208,7 +210,7 @@ def add_analyze_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "Writes analysis.json and PNGs into --out (default <run>/analysis).")
     p.add_argument("checkpoint", type=Path, help="run dir, phase dir (runs/x/phase2) or checkpoint dir")
     p.add_argument("--compare", type=Path, default=None, help="a second run/phase/checkpoint dir for CKA")
-    p.add_argument("--which", choices=["last", "best"], default="last", help="checkpoint in a phase dir")
+    add_which_argument(p)
     p.add_argument("--dataset", default=None,
                    help="dataset name (default: the run's own; a model outside a run needs it)")
     p.add_argument("--data-dir", default=None, help="dataset location (default: the run's own)")

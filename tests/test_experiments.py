@@ -698,7 +698,7 @@ def test_gain_figures_are_skipped_when_there_is_nothing_to_compare(tmp_path):
 
 def test_report_converged_conversion_drop_and_shift_table(tmp_path):
     """Two-phase rows report the top-1 change at conversion against the 1-point target; rows with shift
-    consistency get its smallest and largest shift, both fills."""
+    consistency get the smallest and largest shift every row measured below the image size, both fills."""
     results = tmp_path / "results"
     for seed, (before, after) in enumerate([(80.0, 79.5), (81.0, 80.8), (79.0, 77.5)]):
         path = _converged_cell(results, "Two-phase, our recipe", 2000, seed, 85.0, [80.0] * 10)
@@ -707,12 +707,19 @@ def test_report_converged_conversion_drop_and_shift_table(tmp_path):
         record["test"]["shift_consistency"] = {"circular": {"1": 0.9, "2": 0.8, "4": 0.7 + seed / 100},
                                                "zero": {"1": 0.95, "2": 0.9, "4": 0.85}}
         path.write_text(json.dumps(record))
+    # a CNN's default shifts run to its stride 32: 8 and 16 are not the attention rows', 32 is the whole 28 px image
+    path = _converged_cell(results, "Small CNN (resnet10t, 0.3M)", 2000, 0, 85.0, [80.0] * 10)
+    record = json.loads(path.read_text())
+    record["test"]["shift_consistency"] = {mode: {"1": 0.91, "2": 0.8, "4": 0.75, "8": 0.2, "16": 0.2, "32": 0.05}
+                                           for mode in ("circular", "zero")}
+    path.write_text(json.dumps(record))
     report = write_report(results, configs=GRIDS).read_text()
     # drops -0.5, -0.2, -1.5: mean -0.73, one beyond a point
     assert "- Two-phase, our recipe: val top-1 right after conversion − end of phase 1: -0.73 ± 0.68 points over " \
         "3 runs — **not** within 1 point in every run." in report
     assert "| row | circular 1 px | circular 4 px | zero 1 px | zero 4 px |" in report
     assert "| Two-phase, our recipe | 0.900 ± 0.000 | 0.710 ± 0.010 | 0.950 ± 0.000 | 0.850 ± 0.000 |" in report
+    assert "| Small CNN (resnet10t, 0.3M) | 0.910 | 0.750 | 0.910 | 0.750 |" in report
 
 
 def test_a_training_cell_is_the_same_run_whatever_its_unused_convert_section():

@@ -319,23 +319,29 @@ def _conversion_drops(cells: List[dict], labels: List[str]) -> List[str]:
 
 
 def _shift_table(cells: List[dict], labels: List[str], size: int) -> List[str]:
-    """Shift consistency (fraction of unchanged predictions) at the smallest and largest shift, per row."""
-    curves: Dict[str, Dict[str, List[float]]] = defaultdict(lambda: defaultdict(list))
+    """Shift consistency (fraction of unchanged predictions) per row at the smallest and largest shift that every
+    row measured, so the columns compare like with like (a CNN's default shifts run to its stride, an attention
+    model's to its patch size). A shift as large as the image is left out: circular it wraps, filled it is blank."""
+    curves: Dict[str, Dict[str, Dict[int, List[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for c in cells:
         shift = c["test"].get("shift_consistency")
         if shift and c["config"]["data"]["train_subset"] == size:
             for mode, curve in shift.items():
-                ends = sorted(curve, key=int)
-                for s in (ends[0], ends[-1]):
-                    curves[c["label"]][f"{mode} {s} px"].append(curve[s])
-    if not curves:
+                for s, value in curve.items():
+                    if int(s) < c["config"]["data"]["img_size"]:
+                        curves[c["label"]][mode][int(s)].append(value)
+    modes = list(dict.fromkeys(mode for per in curves.values() for mode in per))
+    columns = []
+    for mode in modes:
+        common = sorted(set.intersection(*(set(per[mode]) for per in curves.values())))
+        columns += [(mode, s) for s in dict.fromkeys(common[:1] + common[-1:])]
+    if not columns:
         return []
-    columns = list(dict.fromkeys(k for per in curves.values() for k in per))
     rows = [f"Shift consistency at {size} images (fraction of the first test images whose prediction a shift leaves "
             f"unchanged; circular shifts wrap, zero-filled ones bring in black):", "",
-            "| row | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
-    rows += [f"| {label} | " + " | ".join(_fmt(curves[label][k], 3) if k in curves[label] else "—" for k in columns)
-             + " |" for label in labels if label in curves]
+            "| row | " + " | ".join(f"{mode} {s} px" for mode, s in columns) + " |", "| --- |" + " ---: |" * len(columns)]
+    rows += [f"| {label} | " + " | ".join(_fmt(curves[label][mode][s], 3) for mode, s in columns) + " |"
+             for label in labels if label in curves]
     return rows + [""]
 
 

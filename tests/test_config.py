@@ -104,6 +104,20 @@ def test_ranges_are_checked(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["convert.anneal_bias_to=0"], "convert.anneal_bias_to must be > 0, got 0.0"),
+    (["convert.anneal_bias_to=4", "convert.anneal_fraction=0"], "convert.anneal_fraction must be in (0, 1], got 0.0"),
+    (["convert.anneal_bias_to=4", "convert.keep_conv=true"],
+     "convert.keep_conv keeps the convolution (no attention): drop convert.anneal_bias_to"),
+    (["convert.anneal_bias_to=4", "convert.bias_strength=0"],
+     "from convert.bias_strength, but that is 0: drop convert.anneal_bias_to"),
+])
+def test_annealing_settings_that_cannot_work_are_errors(overrides, message):
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIGS / "fmnist_tiny.yaml", overrides)
+    assert message in str(e.value)
+
+
 def test_round_trip_and_phase_layering():
     c = load_config(CONFIGS / "cifar100_cmhsa5_paper.yaml")
     assert RunConfig.from_dict(yaml.safe_load(yaml.safe_dump(c.to_dict()))) == c

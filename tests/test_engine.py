@@ -553,10 +553,17 @@ def test_eval_every_may_change_on_resume(digits, tmp_path, caplog):
     assert ["val_top1" in m for m in read_metrics(tmp_path)] == [False, True, True, True]
 
 
+def _shrink_first_weights(epoch, model):
+    """An ``on_epoch_start`` that moves a parameter on a schedule (as an annealed position bias does)."""
+    if epoch < 3:
+        with torch.no_grad():
+            next(model.parameters()).mul_(0.9)
+
+
 def test_resume_is_exact(digits, tmp_path):
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = mlp(seed=0)
-    fit(straight, *loaders(digits), _resume_cfg(), straight_dir, progress=False)
+    fit(straight, *loaders(digits), _resume_cfg(), straight_dir, progress=False, on_epoch_start=_shrink_first_weights)
 
     def stop_after_epoch_1(epoch, metrics):
         if epoch == 1:
@@ -564,14 +571,15 @@ def test_resume_is_exact(digits, tmp_path):
 
     with pytest.raises(Interrupt):
         fit(mlp(seed=0), *loaders(digits), _resume_cfg(), resumed_dir, progress=False,
-            on_epoch_end=stop_after_epoch_1)
+            on_epoch_end=stop_after_epoch_1, on_epoch_start=_shrink_first_weights)
     assert read_checkpoint_info(resumed_dir / "last")["epoch"] == 1
     # Pretend epoch 2 had finished its metrics line when the process died, before its checkpoint landed.
     with open(resumed_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"phase": "train", "epoch": 2, "train_loss": 99.0}) + "\n")
 
     resumed = mlp(seed=42)  # different init: everything must come from the checkpoint
-    result = fit(resumed, *loaders(digits), _resume_cfg(), resumed_dir, progress=False)
+    result = fit(resumed, *loaders(digits), _resume_cfg(), resumed_dir, progress=False,
+                 on_epoch_start=_shrink_first_weights)  # replays epoch 2's step, not 0's or 1's again
     assert result["epochs_run"] == 2
     assert_same_weights(resumed, straight)
     straight_ema = load_file(straight_dir / "last" / "ema.safetensors")

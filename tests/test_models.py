@@ -7,7 +7,7 @@ import cmhsa  # noqa: F401  (registers the models with timm)
 from cmhsa.attention import FactorizedRelPosMHSA, RelPosMHSA
 from cmhsa.engine import cpu_bf16_support
 from cmhsa.local_attention import LocalRelPosMHSA
-from cmhsa.models import CMHSA, MODEL_CONFIGS, convert_model, transfer_error
+from cmhsa.models import CMHSA, MODEL_CONFIGS, convert_model, scale_position_biases_, transfer_error
 from cmhsa.tied import TiedRelPosMHSA
 
 
@@ -42,6 +42,17 @@ def test_converted_model_float32_tolerance(form):
     attn = convert_model(conv, form=form)
     report = transfer_error(conv, attn, torch.randn(4, 1, 28, 28))
     assert report["logits_relative_error"] <= 1e-5, report
+
+
+@pytest.mark.parametrize("form", ["paper", "factorized", "tied", "local"])
+def test_scaling_the_position_biases_is_converting_with_that_bias_strength(form):
+    """What convert.anneal_bias_to does each annealing epoch: beta 12 scaled by 1/4 is the conversion at beta 3,
+    null key included, every weight equal."""
+    conv = tiny().double()
+    annealed, direct = (convert_model(conv, bias_strength=beta, form=form) for beta in (12.0, 3.0))
+    assert scale_position_biases_(annealed, 0.25) == 2  # both layers
+    for (name, a), b in zip(annealed.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_paper_mode_conversion_is_not_exact_at_the_border():

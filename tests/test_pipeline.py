@@ -121,6 +121,31 @@ def test_keep_conv_control_trains_the_conv_model_on_through_phase_2(tmp_path):
     assert "No conversion (convert.keep_conv" in text and "| 2: convolution, kept |" in text
 
 
+def test_annealing_scales_the_position_biases_to_their_target_over_phase_2s_first_epochs(tmp_path):
+    """convert.anneal_bias_to: 12 -> 3 over half of 4 epochs is two halvings, at the start of epochs 0 and 1; a
+    tiny lr keeps training from moving the biases, so what is left is the annealing."""
+    config = load_config(None, TINY + [f"output={tmp_path}", "name=annealed", "phase1.epochs=1", "phase2.epochs=4",
+                                       "phase2.lr=1.0e-7", "phase2.min_lr=0", "convert.bias_strength=12",
+                                       "convert.anneal_bias_to=3", "convert.anneal_fraction=0.5"])
+    epochs_seen = []
+    annealer = pipeline.position_bias_annealer(config, 4)
+    model = pipeline.convert_model(create_model(model_spec(config)), bias_strength=12)
+    for epoch in range(4):
+        before = model.blocks[0].mixer.rel_pos_bias.detach().clone()
+        annealer(epoch, model)
+        epochs_seen.append(not torch.equal(before, model.blocks[0].mixer.rel_pos_bias))
+    assert epochs_seen == [True, True, False, False]
+
+    run_pipeline(config, progress=False)
+    t = json.loads((tmp_path / "convert.json").read_text())
+    assert t["anneal_bias_to"] == 3 and t["bias_strength"] == 12  # scored right after conversion: at 12
+    attn, _, _ = load_model(tmp_path / "phase2")
+    for block in attn.blocks:
+        torch.testing.assert_close(block.mixer.rel_pos_bias.amax(1), torch.full((9,), 3.0), atol=1e-4, rtol=0)
+        torch.testing.assert_close(block.mixer.null_bias, torch.full((9,), 1.5), atol=1e-4, rtol=0)
+    assert "annealed from bias strength 12 to 3 over its first 50% of epochs" in (tmp_path / "summary.md").read_text()
+
+
 def test_continue_schedule_with_keep_conv_is_the_conv_models_run_bit_for_bit(tmp_path):
     """convert.continue_schedule: phase 2 continues phase 1's lr schedule, data order and optimizer state, so with
     keep_conv the two phases are one uninterrupted training run of the conv model (dropout, mixup and augmentation

@@ -100,6 +100,11 @@ class ConvertConfig:
     # its optimizer state (an EMA starts afresh from the converted weights). With keep_conv it is the conv model's
     # run, bit for bit.
     continue_schedule: bool = False
+    # anneal the position logits: over the first anneal_fraction of phase 2's epochs, every position bias (and the
+    # null key's) is scaled at each epoch's start by the same factor, from bias_strength to anneal_bias_to in all,
+    # so the conversion starts exact and the attention ends soft enough to learn where to look
+    anneal_bias_to: Optional[float] = field(default=None, metadata=_POSITIVE)
+    anneal_fraction: float = field(default=0.25, metadata=_check(lambda v: 0 < v <= 1, "in (0, 1]"))
 
 
 @dataclass
@@ -216,6 +221,11 @@ class RunConfig:
                 raise ValueError(f"{phase} (train layered with {phase}): {e}") from None
         if config.convert.continue_schedule and not config.budget_in_steps:
             config.phase_config("phase2")  # its error names the phase-2 keys at fault
+        if config.convert.anneal_bias_to is not None and (config.convert.keep_conv or not config.convert.bias_strength):
+            raise ValueError("convert.anneal_bias_to scales the attention's position biases from "
+                             "convert.bias_strength, but " + ("convert.keep_conv keeps the convolution (no attention)"
+                                                              if config.convert.keep_conv else "that is 0") +
+                             ": drop convert.anneal_bias_to")
         return config
 
     def to_dict(self) -> Dict[str, Any]:

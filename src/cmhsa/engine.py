@@ -678,6 +678,7 @@ def fit(
     param_groups_fn: Optional[Callable[[nn.Module], Any]] = None,
     progress: bool = True,
     on_start: Optional[Callable[[TrainState], None]] = None,
+    on_epoch_start: Optional[Callable[[int, nn.Module], None]] = None,
 ) -> Dict[str, Any]:
     """Train ``model`` for ``cfg.epochs`` epochs with checkpointing and exact resume; returns the final metrics.
 
@@ -706,6 +707,9 @@ def fit(
             logged at INFO level.
         on_start: called as ``on_start(state)`` when training starts afresh (not on resume), e.g. to carry over
             optimizer state (:func:`transfer_optimizer_state`).
+        on_epoch_start: called as ``on_epoch_start(epoch, model)`` on every rank before each epoch trains, with
+            the unwrapped model, e.g. to move a parameter on a schedule (:func:`cmhsa.pipeline.position_bias_annealer`);
+            what it changes is in that epoch's checkpoint, so a resumed run replays it exactly.
 
     Returns:
         The last epoch's metrics line (``phase, epoch, train_loss, val_loss, val_top1, val_top5, lr,
@@ -741,6 +745,8 @@ def fit(
     start_epoch = state.epoch
     for epoch in range(start_epoch, cfg.epochs):
         _seed_epoch(train_loader, cfg.seed, cfg.first_epoch + epoch, rank)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, state.model)
         train = train_one_epoch(train_model, train_loader, state.optimizer, loss_fn, cfg, cfg.first_epoch + epoch,
                                 scheduler=state.scheduler, mixup_fn=mixup_fn, ema=state.ema, device=device,
                                 progress=progress, scaler=state.scaler)

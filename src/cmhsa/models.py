@@ -27,7 +27,7 @@ from .tied import TiedRelPosMHSA
 from .tokens import image_to_tokens, to_pair, tokens_to_image
 
 __all__ = ["CMHSA", "ConvMixer", "PatchEmbed", "Block", "convert_model", "transfer_error", "with_img_size",
-           "continued_parameter", "FORM_TAGS", "MODEL_CONFIGS", "SEPARATE_QK_FORMS"]
+           "continued_parameter", "scale_position_biases_", "FORM_TAGS", "MODEL_CONFIGS", "SEPARATE_QK_FORMS"]
 
 # the attention forms whose queries and keys have their own head size, qk_dim (the others use head_dim)
 SEPARATE_QK_FORMS = ("factorized", "tied")
@@ -330,6 +330,19 @@ def continued_parameter(name: str) -> str:
         if name.endswith(new):
             return name[:-len(new)] + old
     return name
+
+
+@torch.no_grad()
+def scale_position_biases_(model: nn.Module, factor: float) -> int:
+    """Multiply every attention layer's relative position biases and null-key bias by ``factor`` in place: a model
+    converted with bias strength beta becomes the one converted with ``factor * beta`` (the Q/K logits untouched).
+    Returns how many layers it scaled."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "rel_pos_bias", None), nn.Parameter)]
+    for layer in layers:
+        layer.rel_pos_bias.mul_(factor)
+        if layer.null_bias is not None:
+            layer.null_bias.mul_(factor)
+    return len(layers)
 
 
 @torch.no_grad()

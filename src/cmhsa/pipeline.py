@@ -22,13 +22,14 @@ from .checkpoint import load_weights, read_optimizer_state
 from .config import PHASES, RunConfig, TrainConfig, load_config
 from .engine import (TrainState, all_ranks_agree, build_optimizer, evaluate, fit, init_distributed, is_main_process,
                      resolve_device, resolve_precision, seed_everything, transfer_optimizer_state)
-from .models import CMHSA, continued_parameter, convert_model, transfer_error
+from .models import CMHSA, continued_parameter, convert_model, scale_position_biases_, transfer_error
 from .plots import plot_curves
 from .provenance import git_state
 from .rundir import PhaseDir, RunDir
 
 __all__ = ["build_loaders", "create_model", "model_spec", "converted_spec", "spec_label", "convert_settings",
-           "run_config_path", "data_config", "load_model", "open_run", "train_phase", "run_pipeline"]
+           "run_config_path", "data_config", "load_model", "open_run", "train_phase", "position_bias_annealer",
+           "run_pipeline"]
 
 
 def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[DataLoader, DataLoader, Any]:
@@ -199,15 +200,33 @@ def open_run(config: RunConfig, resume: bool = True) -> RunDir:
 
 def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase: str, phase_dir: PhaseDir,
                 resume: bool = True, progress: bool = True, loaders: Optional[Tuple[DataLoader, DataLoader]] = None,
-                on_start: Optional[Callable[[TrainState], None]] = None) -> Dict[str, Any]:
+                on_start: Optional[Callable[[TrainState], None]] = None,
+                on_epoch_start: Optional[Callable[[int, nn.Module], None]] = None) -> Dict[str, Any]:
     """Train ``model`` with the ``phase`` settings of ``config`` into ``phase_dir``; returns the final metrics.
-    ``loaders`` (train, val) are built from the config unless given; ``on_start`` as in :func:`fit`."""
+    ``loaders`` (train, val) are built from the config unless given; ``on_start``, ``on_epoch_start`` as in
+    :func:`fit`."""
     cfg = config.phase_config(phase, spec["kwargs"]["num_classes"])
     train_loader, val_loader = loaders or build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])[:2]
     if is_main_process():
         phase_dir.write_spec(spec)
     return fit(model, train_loader, val_loader, cfg, phase_dir, resume=resume, phase=phase, progress=progress,
-               on_start=on_start)
+               on_start=on_start, on_epoch_start=on_epoch_start)
+
+
+def position_bias_annealer(config: RunConfig, phase2_epochs: int) -> Optional[Callable[[int, nn.Module], None]]:
+    """Phase 2's ``on_epoch_start`` for ``convert.anneal_bias_to``: at the start of each of the first
+    ``round(anneal_fraction * phase2_epochs)`` epochs (at least one) every position bias is scaled by the same factor,
+    ``bias_strength`` -> ``anneal_bias_to`` in all (geometric steps). None without annealing."""
+    c = config.convert
+    if c.anneal_bias_to is None:
+        return None
+    epochs = max(1, round(c.anneal_fraction * phase2_epochs))
+    factor = (c.anneal_bias_to / c.bias_strength) ** (1 / epochs)
+
+    def anneal(epoch: int, model: nn.Module) -> None:
+        if epoch < epochs:
+            scale_position_biases_(model, factor)
+    return anneal
 
 
 def _carry_optimizer_state(conv_model: nn.Module, cfg1: TrainConfig, phase1: PhaseDir) -> Callable[[TrainState], None]:
@@ -235,6 +254,7 @@ def _convert(conv_model: CMHSA, config: RunConfig, sample: torch.Tensor) -> Tupl
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c.bias_strength, "null_key": c.null_key, "qk_std": c.qk_std, "form": c.form,
         "keep_conv": c.keep_conv, "continue_schedule": c.continue_schedule,
+        "anneal_bias_to": c.anneal_bias_to, "anneal_fraction": c.anneal_fraction,
     }
     return attn_model, report
 
@@ -273,7 +293,8 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         carry = (_carry_optimizer_state(conv_model, config.phase_config("phase1", num_classes), run.phase("phase1"))
                  if config.convert.continue_schedule else None)
         phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", run.phase("phase2"), resume,
-                             progress, loaders=(train_loader2, val_loader), on_start=carry)
+                             progress, loaders=(train_loader2, val_loader), on_start=carry,
+                             on_epoch_start=position_bias_annealer(config, cfg2.epochs))
         summary = _summarize(config, run, phase1, phase2, transfer, conv_model, attn_model,
                              train_images=len(train_loader2.dataset),
                              augmentation=cmdata.describe_augmentation(config.data.augment, config.data.hflip, info))
@@ -333,6 +354,9 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
         f"float32; val top-1 {t['val_before_conversion']['val_top1']:.2f} before, "
         f"{t['val_after_conversion']['top1']:.2f} right after." +
         (" Phase 2 continued phase 1's run (convert.continue_schedule): one lr schedule over both phases, and "
-         "the optimizer state of every parameter the conversion kept." if t.get("continue_schedule") else ""),
+         "the optimizer state of every parameter the conversion kept." if t.get("continue_schedule") else "") +
+        (f" Its position biases were annealed from bias strength {t['bias_strength']:g} to "
+         f"{t['anneal_bias_to']:g} over its first {t['anneal_fraction']:.0%} of epochs (convert.anneal_bias_to)."
+         if t.get("anneal_bias_to") is not None else ""),
         "", "![curves](curves.png)", "",
     ])

@@ -59,6 +59,7 @@ def _plateau_claim(gains: Dict[str, List[float]], labels: List[str]) -> str:
 OURS, OURS_NO_RESTART = "Two-phase, our recipe", "Two-phase, our recipe, no restart"
 OURS_CONTINUED = "Two-phase, our recipe, converted mid-run"  # its keep-conv control is the conv row, bit for bit
 TIED_CONTINUED = "Two-phase, tied values, converted mid-run"  # the same run, value maps kept the conv kernel's
+ANNEALED = "Two-phase, our recipe, converted mid-run, annealed"  # the same run, position biases softened 12 -> 4
 CONTROLS = {OURS: "Two-phase control, phase 2 keeps the conv",
             OURS_NO_RESTART: "Two-phase control, no restart, phase 2 keeps the conv"}
 
@@ -91,6 +92,10 @@ CONVERGED_CLAIMS = [
      "tied to the conv kernel)", "target", 0.0),
     (TIED_CONTINUED, OURS_CONTINUED, None, "Keeping the value maps tied to the kernel improves the mid-run recipe",
      "target", 0.0),
+    (ANNEALED, OURS_CONTINUED, None, "Annealing the position biases (beta 12 -> 4 over phase 2's first quarter) "
+     "improves the mid-run recipe", "target", 0.0),
+    (ANNEALED, "Conv phase only", None, "With annealed position biases the attention adds to the conv phase "
+     "(mid-run)", "target", 0.0),
     (OURS, "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
     (OURS, "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),

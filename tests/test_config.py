@@ -106,6 +106,8 @@ def test_ranges_are_checked(override, message):
 
 @pytest.mark.parametrize("overrides, message", [
     (["convert.anneal_bias_to=0"], "convert.anneal_bias_to must be > 0, got 0.0"),
+    (["convert.anneal_fraction=0.5"], "convert.anneal_fraction is how long convert.anneal_bias_to anneals, which is "
+     "not set: set it (e.g. convert.anneal_bias_to=4) or drop convert.anneal_fraction"),
     (["convert.anneal_bias_to=4", "convert.anneal_fraction=0"], "convert.anneal_fraction must be in (0, 1], got 0.0"),
     (["convert.anneal_bias_to=4", "convert.keep_conv=true"],
      "convert.keep_conv keeps the convolution (no attention): drop convert.anneal_bias_to"),

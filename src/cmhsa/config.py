@@ -100,11 +100,16 @@ class ConvertConfig:
     # its optimizer state (an EMA starts afresh from the converted weights). With keep_conv it is the conv model's
     # run, bit for bit.
     continue_schedule: bool = False
-    # anneal the position logits: over the first anneal_fraction of phase 2's epochs, every position bias (and the
-    # null key's) is scaled at each epoch's start by the same factor, from bias_strength to anneal_bias_to in all,
-    # so the conversion starts exact and the attention ends soft enough to learn where to look
+    # anneal the position logits: over the first anneal_fraction of phase 2's epochs (null: 0.25), every position
+    # bias (and the null key's) is scaled at each epoch's start by the same factor, from bias_strength to
+    # anneal_bias_to in all, so the conversion starts exact and the attention ends soft enough to learn where to look
     anneal_bias_to: Optional[float] = field(default=None, metadata=_POSITIVE)
-    anneal_fraction: float = field(default=0.25, metadata=_check(lambda v: 0 < v <= 1, "in (0, 1]"))
+    anneal_fraction: Optional[float] = field(default=None, metadata=_check(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+    @property
+    def resolved_anneal_fraction(self) -> float:
+        """The part of phase 2's epochs that ``anneal_bias_to`` anneals over."""
+        return 0.25 if self.anneal_fraction is None else self.anneal_fraction
 
 
 @dataclass
@@ -221,6 +226,9 @@ class RunConfig:
                 raise ValueError(f"{phase} (train layered with {phase}): {e}") from None
         if config.convert.continue_schedule and not config.budget_in_steps:
             config.phase_config("phase2")  # its error names the phase-2 keys at fault
+        if config.convert.anneal_fraction is not None and config.convert.anneal_bias_to is None:
+            raise ValueError("convert.anneal_fraction is how long convert.anneal_bias_to anneals, which is not set: "
+                             "set it (e.g. convert.anneal_bias_to=4) or drop convert.anneal_fraction")
         if config.convert.anneal_bias_to is not None and (config.convert.keep_conv or not config.convert.bias_strength):
             raise ValueError("convert.anneal_bias_to scales the attention's position biases from "
                              "convert.bias_strength, but " + ("convert.keep_conv keeps the convolution (no attention)"

@@ -215,12 +215,12 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase
 
 def position_bias_annealer(config: RunConfig, phase2_epochs: int) -> Optional[Callable[[int, nn.Module], None]]:
     """Phase 2's ``on_epoch_start`` for ``convert.anneal_bias_to``: at the start of each of the first
-    ``round(anneal_fraction * phase2_epochs)`` epochs (at least one) every position bias is scaled by the same factor,
+    ``round(anneal_fraction * phase2_epochs)`` epochs (at least one; the fraction defaults to 0.25) every position bias is scaled by the same factor,
     ``bias_strength`` -> ``anneal_bias_to`` in all (geometric steps). None without annealing."""
     c = config.convert
     if c.anneal_bias_to is None:
         return None
-    epochs = max(1, round(c.anneal_fraction * phase2_epochs))
+    epochs = max(1, round(c.resolved_anneal_fraction * phase2_epochs))
     factor = (c.anneal_bias_to / c.bias_strength) ** (1 / epochs)
 
     def anneal(epoch: int, model: nn.Module) -> None:
@@ -254,7 +254,7 @@ def _convert(conv_model: CMHSA, config: RunConfig, sample: torch.Tensor) -> Tupl
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c.bias_strength, "null_key": c.null_key, "qk_std": c.qk_std, "form": c.form,
         "keep_conv": c.keep_conv, "continue_schedule": c.continue_schedule,
-        "anneal_bias_to": c.anneal_bias_to, "anneal_fraction": c.anneal_fraction,
+        "anneal_bias_to": c.anneal_bias_to, "anneal_fraction": c.resolved_anneal_fraction,
     }
     return attn_model, report
 

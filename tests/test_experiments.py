@@ -1,5 +1,6 @@
 """The experiment runner (resumable cells, JSON results) and the report built from them."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,10 @@ def test_status_lists_what_a_run_would_do_and_runs_nothing(tmp_path, capsys):
     (results / "mini/cells/two_phase__seed0.json").unlink()  # its checkpointed run is left, as after a kill
     assert status(spec) == {("conv", 0): ("finished", f"test top-1 {record['test']['top1']:.2f}"),
                             ("two_phase", 0): ("resume", f"phase2 epoch 1/1 in {runs}/mini/full/two_phase/seed0")}
+    with RunDir(runs / "mini/full/two_phase/seed0") as busy:  # another process (here: this one) runs it
+        busy.lock()
+        assert status(spec)[("two_phase", 0)] == ("running", f"by process {os.getpid()}: phase2 epoch 1/1")
+    assert status(spec)[("two_phase", 0)][0] == "resume"  # the lock is gone with its holder
     other = dict(spec, name="other", cells=[dict(spec["cells"][0], name="same_as_conv")])
     assert status(other) == {("same_as_conv", 0): ("reuse", "mini/cells/conv__seed0.json")}
     changed = dict(spec, cells=[dict(spec["cells"][0], overrides=[*spec["cells"][0]["overrides"], "phase1.lr=1e-4"])])

@@ -365,13 +365,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                            runs_root=args.runs, only=args.cells)
         counts = collections.Counter(row["status"] for row in rows)
         print(f"{spec['name']} ({args.budget} budget): {len(rows)} cells, "
-              + ", ".join(f"{counts[s]} {s}" for s in ("finished", "reuse", "resume", "to run") if counts[s]))
+              + ", ".join(f"{counts[s]} {s}" for s in ("finished", "reuse", "running", "resume", "to run") if counts[s]))
         width = max(len(row["cell"]) for row in rows)
         for row in rows:
             took = f"{row['minutes']:.0f} min" if row["minutes"] is not None else ""
             print(f"  {row['cell']:<{width}}  seed {row['seed']:<3} {row['status']:<8} {took:>8}  {row['detail']}"
                   .rstrip())
-        left = [row for row in rows if row["status"] in ("resume", "to run")]
+        left = [row for row in rows if row["status"] in ("running", "resume", "to run")]
         if left:
             known = [row["minutes"] for row in left if row["minutes"] is not None]
             parts = [f"{len(known)} of them should take ~{sum(known):.0f} CPU-min (the mean of their cell's "
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
     p.add_argument("--status", action="store_true",
-                   help="run nothing: list every cell and seed as finished, reused, to resume or to run, with the "
+                   help="run nothing: list every cell and seed as finished, reused, running (in another process), to resume or to run, with the "
                         "CPU minutes each took or should take (its cell's finished seeds)")
     p.set_defaults(func=cmd_experiment)
 

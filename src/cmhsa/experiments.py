@@ -333,7 +333,8 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
                 only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """What :func:`run_experiment` would do, cell by cell, without running anything: one ``{cell, seed, status,
     detail, minutes}`` per cell x seed, status ``finished`` (detail: test top-1), ``reuse`` (a finished identical
-    run of another grid), ``resume`` (detail: how far its checkpointed run got) or ``to run``. ``minutes``: the
+    run of another grid), ``running`` (another process holds its run directory: its PID and how far it got),
+    ``resume`` (detail: how far its checkpointed run got) or ``to run``. ``minutes``: the
     training time a finished run took, and for a run still to do the mean of the same cell's finished seeds in the
     results, whichever seeds were asked for (None without one), so a grid can be planned to fit a session."""
     seeds = list(seeds if seeds is not None else spec.get("seeds", [0]))
@@ -349,6 +350,8 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
             minutes = record["train_seconds"] / 60
         elif (same := find_finished(entry, results_root)) is not None:
             status, detail = "reuse", same.relative_to(results_root).as_posix()
+        elif (pid := RunDir(entry["config"].run_dir()).holder()) is not None:
+            status, detail = "running", f"by process {pid}: {_progress(entry) or 'started'}"
         elif (progress := _progress(entry)) is not None:
             status, detail = "resume", f"{progress} in {entry['config'].run_dir()}"
         else:
@@ -356,7 +359,7 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
         rows.append({"cell": entry["cell"], "seed": entry["seed"], "status": status, "detail": detail,
                      "minutes": minutes})
     for row in rows:
-        if row["status"] in ("resume", "to run") and took[row["cell"]]:
+        if row["status"] in ("running", "resume", "to run") and took[row["cell"]]:
             row["minutes"] = statistics.fmean(took[row["cell"]])
     return rows
 

@@ -514,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"), help="results root (default: results)")
     p.add_argument("--runs", type=Path, default=Path("runs/experiments"), help="checkpoint root")
     p.add_argument("--status", action="store_true",
-                   help="run nothing: list every cell and seed as finished, reused, running (in another process), to resume or to run, with the "
-                        "CPU minutes each took or should take (its cell's finished seeds)")
+                   help="run nothing: list every cell and seed as finished, reused, running (in another process), "
+                        "to resume or to run, with the CPU minutes each took or should take (its cell's finished "
+                        "seeds)")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("report", help="write results/REPORT.md from the experiment and analysis results",

@@ -354,7 +354,7 @@ def _add_convert_net_parser(sub) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from .experiments import grid_status, load_experiment, run_experiment
+    from .experiments import STATUSES, UNFINISHED, grid_status, load_experiment, run_experiment
 
     config = args.config or Path("configs/experiments") / f"{args.name}.yaml"
     spec = load_experiment(config)
@@ -365,13 +365,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                            runs_root=args.runs, only=args.cells)
         counts = collections.Counter(row["status"] for row in rows)
         print(f"{spec['name']} ({args.budget} budget): {len(rows)} cells, "
-              + ", ".join(f"{counts[s]} {s}" for s in ("finished", "reuse", "running", "resume", "to run") if counts[s]))
+              + ", ".join(f"{counts[s]} {s}" for s in STATUSES if counts[s]))
         width = max(len(row["cell"]) for row in rows)
         for row in rows:
             took = f"{row['minutes']:.0f} min" if row["minutes"] is not None else ""
             print(f"  {row['cell']:<{width}}  seed {row['seed']:<3} {row['status']:<8} {took:>8}  {row['detail']}"
                   .rstrip())
-        left = [row for row in rows if row["status"] in ("running", "resume", "to run")]
+        left = [row for row in rows if row["status"] in UNFINISHED]
         if left:
             known = [row["minutes"] for row in left if row["minutes"] is not None]
             parts = [f"{len(known)} of them should take ~{sum(known):.0f} CPU-min (the mean of their cell's "

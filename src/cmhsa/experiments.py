@@ -47,7 +47,8 @@ from .pipeline import (build_loaders, create_model, load_model, model_spec, open
 from .provenance import git_state
 from .rundir import RunDir, RunDirLocked
 
-__all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware"]
+__all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware",
+           "STATUSES", "UNFINISHED"]
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -328,6 +329,11 @@ def _score(record: Dict[str, Any]) -> str:
     return f"val top-1 {record['final']['val_top1']:.2f} (no test score in this record)"
 
 
+# what grid_status says of a cell x seed, in the order a listing counts them; the last three are runs still to finish
+STATUSES = ("finished", "reuse", "running", "resume", "to run")
+UNFINISHED = STATUSES[2:]
+
+
 def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iterable[int]] = None,
                 results_root: str | Path = "results", runs_root: str | Path = "runs/experiments",
                 only: Optional[List[str]] = None) -> List[Dict[str, Any]]:
@@ -359,7 +365,7 @@ def grid_status(spec: Dict[str, Any], budget: str = "full", seeds: Optional[Iter
         rows.append({"cell": entry["cell"], "seed": entry["seed"], "status": status, "detail": detail,
                      "minutes": minutes})
     for row in rows:
-        if row["status"] in ("running", "resume", "to run") and took[row["cell"]]:
+        if row["status"] in UNFINISHED and took[row["cell"]]:
             row["minutes"] = statistics.fmean(took[row["cell"]])
     return rows
 

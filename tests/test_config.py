@@ -278,8 +278,13 @@ def test_a_budget_in_steps_becomes_the_epochs_it_comes_to_for_the_data():
     two_runs = load_config(CONFIGS / "fmnist_tiny.yaml", ["phase1.steps=100", "phase2.steps=50", "train.batch_size=64"])
     assert (two_runs.in_epochs(640).phase1.epochs, two_runs.in_epochs(640).phase2.epochs) == (10, 5)
     assert two_runs.in_epochs(700).phase1.epochs == 10  # a partial batch is dropped: still 10 batches an epoch
-    with pytest.raises(ValueError, match="phase1: 50 training images make no batch of 64"):
+    with pytest.raises(ValueError, match="phase1: 50 training images make no optimizer step \\(batch of 64\\)"):
         two_runs.in_epochs(50)
+    accumulated = two_runs.set({"train.grad_accum_steps": 2})  # a step takes 2 batches: 5 steps an epoch of 640
+    assert (accumulated.in_epochs(640).phase1.epochs, accumulated.in_epochs(640).phase2.epochs) == (20, 10)
+    with pytest.raises(ValueError, match="make no optimizer step \\(2 batches of 64\\); lower batch_size or "
+                                         "grad_accum_steps"):
+        accumulated.in_epochs(100)
     # a length on the command line replaces the file's, whichever unit either is in
     assert not load_config(CONFIGS / "fmnist_tiny_midrun.yaml", ["phase1.epochs=2", "phase1.warmup_epochs=0",
                                                                   "phase2.epochs=1"]).budget_in_steps

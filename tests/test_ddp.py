@@ -47,7 +47,8 @@ WORKER = textwrap.dedent(
 
     torch.manual_seed(100 + rank)  # different init per rank: fit must start every rank from rank 0's weights
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Dropout(0.1), nn.Linear(64, 10))
-    cfg = TrainConfig(epochs=1, lr=3e-3, precision="fp32", mixup=0.2, ema_decay=0.9)
+    # 2 batches a step: the first backward skips DDP's all-reduce (no_sync), the second syncs the summed gradients
+    cfg = TrainConfig(epochs=1, lr=3e-3, precision="fp32", mixup=0.2, ema_decay=0.9, grad_accum_steps=2)
     result = fit(model, train_loader, val_loader, cfg, out / "run", progress=False)
 
     torch.save(model.state_dict(), out / f"rank{{rank}}.pt")
@@ -69,7 +70,7 @@ def test_two_rank_fit(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    # Both ranks end with identical weights, equal to the checkpoint rank 0 wrote.
+    # Both ranks end with identical weights (with gradient accumulation too), equal to the checkpoint rank 0 wrote.
     weights = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:

@@ -230,6 +230,32 @@ def test_a_batch_larger_than_the_data_is_an_error_with_the_fix(digits, tmp_path)
     loader = DataLoader(small, batch_size=128, shuffle=True, drop_last=True, generator=torch.Generator())
     with pytest.raises(ValueError, match=r"100 training images, batch_size 128 and drop_last .*train.batch_size"):
         fit(mlp(), loader, DataLoader(val), TrainConfig(epochs=1, precision="fp32"), tmp_path, progress=False)
+    loader = DataLoader(small, batch_size=64, shuffle=True, drop_last=True, generator=torch.Generator())
+    with pytest.raises(ValueError, match=r"100 training images, batch_size 64 x grad_accum_steps 2 .* or "
+                                         r"grad_accum_steps or train on more images"):
+        fit(mlp(), loader, DataLoader(val), TrainConfig(epochs=1, precision="fp32", grad_accum_steps=2), tmp_path,
+            progress=False)
+
+
+def test_accumulated_batches_make_the_step_of_one_batch_their_size(digits):
+    """grad_accum_steps=4 of 16 images is one step on their 64: the same loss, clipped gradient and update (a
+    batch's loss is its mean, so each is divided by 4); the 5th batch of 16 left over is not used."""
+    train, _ = digits
+    data = TensorDataset(*(t[:80] for t in train.tensors))
+    cfg = TrainConfig(epochs=1, lr=1e-2, precision="fp32", clip_grad=0.5, label_smoothing=0.0)
+    one, accumulated = mlp(seed=0, dropout=0.0), mlp(seed=0, dropout=0.0)  # no dropout: no random draws
+    results = []
+    for model, batch, accum in ((one, 64, 1), (accumulated, 16, 4)):
+        run_cfg = dataclasses.replace(cfg, grad_accum_steps=accum)
+        loader = DataLoader(data, batch_size=batch, drop_last=True)
+        assert steps_per_epoch(loader, run_cfg) == 1
+        results.append(train_one_epoch(model, loader, build_optimizer(model, run_cfg), build_loss(run_cfg)[0],
+                                       run_cfg, epoch=0, progress=False))
+    assert results[0]["steps"] == results[1]["steps"] == 1 and results[1]["images_per_second"] > 0
+    assert results[0]["train_loss"] == pytest.approx(results[1]["train_loss"], rel=1e-6)
+    for a, b in zip(one.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(one.parameters(), mlp(seed=0).parameters()))  # it did step
 
 
 def test_max_steps_per_epoch(digits):

@@ -122,6 +122,9 @@ class TrainConfig:
     steps: Optional[int] = field(default=None, metadata=_AT_LEAST_1)
     warmup_steps: Optional[int] = field(default=None, metadata=_NON_NEGATIVE)
     batch_size: int = field(default=128, metadata=_AT_LEAST_1)  # for callers building loaders
+    # batches whose gradients one optimizer step sums (timm's --grad-accum-steps): a step sees batch_size x this
+    # many images, for a batch that does not fit in memory
+    grad_accum_steps: int = field(default=1, metadata=_AT_LEAST_1)
     lr: float = field(default=5e-4, metadata=_POSITIVE)
     min_lr: float = field(default=1e-5, metadata=_NON_NEGATIVE)
     weight_decay: float = field(default=0.05, metadata=_NON_NEGATIVE)
@@ -289,8 +292,8 @@ class RunConfig:
 
     def in_epochs(self, train_images: int, world_size: int = 1) -> "RunConfig":
         """This config with its budgets in steps as the epochs they come to on ``train_images`` training images,
-        in batches of each phase's ``batch_size`` per process of ``world_size`` (a partial batch is dropped):
-        ``epochs = ceil(steps / batches per epoch)``. The phases of one continued run (``convert.continue_schedule``)
+        in batches of each phase's ``batch_size`` per process of ``world_size`` (a partial batch is dropped),
+        ``grad_accum_steps`` batches a step: ``epochs = ceil(steps / steps per epoch)``. The phases of one continued run (``convert.continue_schedule``)
         round at the end of each, so the run's total is rounded once; its phase 2 lasts as long as phase 1 unless
         it sets its own length. A config without steps comes back as it is."""
         if not self.budget_in_steps:
@@ -306,11 +309,14 @@ class RunConfig:
                 cfg = dataclasses.replace(first, epochs=own.get("epochs", first.epochs),
                                           steps=own.get("steps", None if "epochs" in own else first.steps),
                                           warmup_steps=own.get("warmup_steps"))
-            per_epoch = math.ceil(train_images / world_size) // cfg.batch_size
+            per_epoch = math.ceil(train_images / world_size) // cfg.batch_size // cfg.grad_accum_steps
             if per_epoch < 1 and (cfg.steps is not None or cfg.warmup_steps is not None):
-                raise ValueError(f"{phase}: {train_images} training images make no batch of {cfg.batch_size}"
-                                 f"{f' on each of {world_size} processes' if world_size > 1 else ''}; lower "
-                                 f"batch_size or train on more images")
+                step = f"{cfg.grad_accum_steps} batches of {cfg.batch_size}" if cfg.grad_accum_steps > 1 else \
+                    f"batch of {cfg.batch_size}"
+                raise ValueError(f"{phase}: {train_images} training images make no optimizer step ({step}"
+                                 f"{f' on each of {world_size} processes' if world_size > 1 else ''}); lower "
+                                 f"batch_size{' or grad_accum_steps' * (cfg.grad_accum_steps > 1)} or train on more "
+                                 f"images")
             if cfg.steps is not None:  # at least one epoch, though phase 1's rounding may already hold the steps
                 changes[f"{phase}.epochs"] = max(1, _epochs_for_steps(cfg.steps, per_epoch, before if continued else 0))
             if cfg.warmup_steps is not None:

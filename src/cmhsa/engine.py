@@ -232,16 +232,19 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def steps_per_epoch(loader: DataLoader, cfg: TrainConfig) -> int:
-    """Optimizer steps per epoch: ``len(loader)`` capped by ``cfg.max_steps_per_epoch``."""
-    num_batches = len(loader)
-    if num_batches == 0:
+    """Optimizer steps per epoch: ``len(loader) // cfg.grad_accum_steps`` (a step takes that many batches; the
+    batches left over are not used), capped by ``cfg.max_steps_per_epoch``."""
+    num_steps = len(loader) // cfg.grad_accum_steps
+    if num_steps == 0:
         images = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
-        raise ValueError(f"the train loader yields no batches: {images} training images, batch_size "
-                         f"{loader.batch_size}{' and drop_last (a partial batch is dropped)' * loader.drop_last}; "
-                         f"lower the batch size (--set train.batch_size=...) or train on more images")
+        accum = f" x grad_accum_steps {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else ""
+        raise ValueError(f"the train loader makes no optimizer step: {images} training images, batch_size "
+                         f"{loader.batch_size}{accum}{' and drop_last (a partial batch is dropped)' * loader.drop_last}; "
+                         f"lower the batch size (--set train.batch_size=...){' or grad_accum_steps' * bool(accum)} "
+                         f"or train on more images")
     if cfg.max_steps_per_epoch is None:
-        return num_batches
-    return min(num_batches, cfg.max_steps_per_epoch)
+        return num_steps
+    return min(num_steps, cfg.max_steps_per_epoch)
 
 
 def lr_scale_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
@@ -362,10 +365,12 @@ def train_one_epoch(
 ) -> Dict[str, float]:
     """Train ``model`` for one epoch (at most ``steps_per_epoch(loader, cfg)`` optimizer steps).
 
-    Forward under autocast (``cfg.precision``), loss in fp32, gradient clipping to ``cfg.clip_grad``, the
-    scheduler stepped per update with the global update count ``epoch * steps + step + 1``, EMA updated
-    after every step. ``scaler`` defaults to :func:`build_scaler`'s. Shuffling/seeding per epoch is the caller's job (see
-    :func:`fit`). ``device`` defaults to the model's.
+    Forward under autocast (``cfg.precision``), loss in fp32, gradients summed over ``cfg.grad_accum_steps`` batches
+    per step (each batch's loss divided by that count, so a step sees the mean over all of them; under DDP ranks
+    synchronise on a step's last batch only), gradient clipping to ``cfg.clip_grad``, the scheduler stepped per
+    update with the global update count ``epoch * steps + step + 1``, EMA updated after every step. ``scaler``
+    defaults to :func:`build_scaler`'s. Shuffling/seeding per epoch is the caller's job (see :func:`fit`).
+    ``device`` defaults to the model's.
 
     Returns:
         ``train_loss`` (mean batch loss, averaged over DDP ranks), ``lr`` (mean over param groups, as used by
@@ -383,8 +388,10 @@ def train_one_epoch(
         total=num_steps, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
         disable=not (progress and is_main_process()),
     )
+    accum = cfg.grad_accum_steps
+    optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    for images, targets in itertools.islice(loader, num_steps):
+    for batch, (images, targets) in enumerate(itertools.islice(loader, num_steps * accum), 1):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
@@ -394,27 +401,32 @@ def train_one_epoch(
                     f"use an even batch_size and drop_last=True on the train loader"
                 )
             images, targets = mixup_fn(images, targets)
-        with autocast_context(device, precision):
-            output = model(images)
-        loss = loss_fn(output.float(), targets)
+        samples += len(images)
+        # DDP all-reduces gradients in backward: only a step's last batch needs to
+        stepping = batch % accum == 0
+        with nullcontext() if stepping or not isinstance(model, DistributedDataParallel) else model.no_sync():
+            with autocast_context(device, precision):
+                output = model(images)
+            loss = loss_fn(output.float(), targets)
+            scaler.scale(loss / accum).backward()  # a disabled scaler (every precision but fp16) passes all through
+        loss_sum += loss.detach() / accum
+        if not stepping:
+            continue
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # a disabled scaler (every precision but fp16) passes everything through
         if cfg.clip_grad:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             dispatch_clip_grad(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
         steps += 1
-        samples += len(images)
         num_updates = epoch * num_steps + steps
         lr = _base_lr(optimizer)  # the lr this update used, before the scheduler moves it
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)
         if ema is not None:
             ema.update(unwrap_model(model), step=num_updates)
-        loss_sum += loss.detach()
 
         bar.update()
         if steps % cfg.log_interval == 0 or steps == num_steps:

@@ -389,7 +389,6 @@ def train_one_epoch(
         disable=not (progress and is_main_process()),
     )
     accum = cfg.grad_accum_steps
-    optimizer.zero_grad(set_to_none=True)
     start = time.perf_counter()
     for batch, (images, targets) in enumerate(itertools.islice(loader, num_steps * accum), 1):
         images = images.to(device, non_blocking=True)
@@ -402,6 +401,8 @@ def train_one_epoch(
                 )
             images, targets = mixup_fn(images, targets)
         samples += len(images)
+        if (batch - 1) % accum == 0:  # a step's first batch
+            optimizer.zero_grad(set_to_none=True)
         # DDP all-reduces gradients in backward: only a step's last batch needs to
         stepping = batch % accum == 0
         with nullcontext() if stepping or not isinstance(model, DistributedDataParallel) else model.no_sync():
@@ -418,7 +419,6 @@ def train_one_epoch(
             dispatch_clip_grad(model.parameters(), cfg.clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
 
         steps += 1
         num_updates = epoch * num_steps + steps

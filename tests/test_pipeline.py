@@ -138,12 +138,13 @@ def test_annealing_scales_the_position_biases_to_their_target_over_phase_2s_firs
 
     run_pipeline(config, progress=False)
     t = json.loads((tmp_path / "convert.json").read_text())
-    assert t["anneal_bias_to"] == 3 and t["bias_strength"] == 12  # scored right after conversion: at 12
+    assert (t["anneal_bias_to"], t["anneal_epochs"], t["bias_strength"]) == (3, 2, 12)  # scored right after: at 12
     attn, _, _ = load_model(tmp_path / "phase2")
     for block in attn.blocks:
         torch.testing.assert_close(block.mixer.rel_pos_bias.amax(1), torch.full((9,), 3.0), atol=1e-4, rtol=0)
         torch.testing.assert_close(block.mixer.null_bias, torch.full((9,), 1.5), atol=1e-4, rtol=0)
-    assert "annealed from bias strength 12 to 3 over its first 50% of epochs" in (tmp_path / "summary.md").read_text()
+    assert "annealed the position biases from bias strength 12 to 3 over its first 2 of 4 epochs" in \
+        (tmp_path / "summary.md").read_text()
 
 
 def test_continue_schedule_with_keep_conv_is_the_conv_models_run_bit_for_bit(tmp_path):

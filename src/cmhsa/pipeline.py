@@ -28,8 +28,8 @@ from .provenance import git_state
 from .rundir import PhaseDir, RunDir
 
 __all__ = ["build_loaders", "create_model", "model_spec", "converted_spec", "spec_label", "convert_settings",
-           "run_config_path", "data_config", "load_model", "open_run", "train_phase", "position_bias_annealer",
-           "run_pipeline"]
+           "run_config_path", "data_config", "load_model", "open_run", "train_phase", "PositionBiasAnnealer",
+           "position_bias_annealer", "run_pipeline"]
 
 
 def build_loaders(config: RunConfig, batch_size: int, in_chans: int) -> Tuple[DataLoader, DataLoader, Any]:
@@ -213,20 +213,27 @@ def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase
                on_start=on_start, on_epoch_start=on_epoch_start)
 
 
-def position_bias_annealer(config: RunConfig, phase2_epochs: int) -> Optional[Callable[[int, nn.Module], None]]:
-    """Phase 2's ``on_epoch_start`` for ``convert.anneal_bias_to``: at the start of each of the first
-    ``round(anneal_fraction * phase2_epochs)`` epochs (at least one; the fraction defaults to 0.25) every position bias is scaled by the same factor,
-    ``bias_strength`` -> ``anneal_bias_to`` in all (geometric steps). None without annealing."""
+class PositionBiasAnnealer:
+    """Phase 2's ``on_epoch_start`` for ``convert.anneal_bias_to``: at the start of each of its first ``epochs``
+    epochs every position bias is scaled by the same factor, ``start`` -> ``end`` bias strength in all (geometric
+    steps)."""
+
+    def __init__(self, start: float, end: float, epochs: int):
+        self.epochs, self.factor = epochs, (end / start) ** (1 / epochs)
+
+    def __call__(self, epoch: int, model: nn.Module) -> None:
+        if epoch < self.epochs:
+            scale_position_biases_(model, self.factor)
+
+
+def position_bias_annealer(config: RunConfig, phase2_epochs: int) -> Optional[PositionBiasAnnealer]:
+    """The annealer of ``convert.anneal_bias_to`` over ``round(anneal_fraction * phase2_epochs)`` epochs (at least
+    one; the fraction defaults to 0.25), or None without annealing."""
     c = config.convert
     if c.anneal_bias_to is None:
         return None
-    epochs = max(1, round(c.resolved_anneal_fraction * phase2_epochs))
-    factor = (c.anneal_bias_to / c.bias_strength) ** (1 / epochs)
-
-    def anneal(epoch: int, model: nn.Module) -> None:
-        if epoch < epochs:
-            scale_position_biases_(model, factor)
-    return anneal
+    return PositionBiasAnnealer(c.bias_strength, c.anneal_bias_to,
+                                max(1, round(c.resolved_anneal_fraction * phase2_epochs)))
 
 
 def _carry_optimizer_state(conv_model: nn.Module, cfg1: TrainConfig, phase1: PhaseDir) -> Callable[[TrainState], None]:
@@ -254,7 +261,7 @@ def _convert(conv_model: CMHSA, config: RunConfig, sample: torch.Tensor) -> Tupl
         "float32": transfer_error(conv_model, attn_model, sample.float()),
         "bias_strength": c.bias_strength, "null_key": c.null_key, "qk_std": c.qk_std, "form": c.form,
         "keep_conv": c.keep_conv, "continue_schedule": c.continue_schedule,
-        "anneal_bias_to": c.anneal_bias_to, "anneal_fraction": c.resolved_anneal_fraction,
+        "anneal_bias_to": c.anneal_bias_to,
     }
     return attn_model, report
 
@@ -283,6 +290,8 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         after = evaluate(attn_model.to(device), val_loader, device, precision, num_classes)
         transfer["val_after_conversion"] = after
         transfer["val_before_conversion"] = {k: phase1[k] for k in ("val_loss", "val_top1", "val_top5")}
+        annealer = position_bias_annealer(config, cfg2.epochs)
+        transfer["anneal_epochs"] = annealer.epochs if annealer else 0
         if is_main_process():
             run.write_json(run.convert_path, {**transfer, "git": git_state()})
         if progress and is_main_process():
@@ -294,7 +303,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
                  if config.convert.continue_schedule else None)
         phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", run.phase("phase2"), resume,
                              progress, loaders=(train_loader2, val_loader), on_start=carry,
-                             on_epoch_start=position_bias_annealer(config, cfg2.epochs))
+                             on_epoch_start=annealer)
         summary = _summarize(config, run, phase1, phase2, transfer, conv_model, attn_model,
                              train_images=len(train_loader2.dataset),
                              augmentation=cmdata.describe_augmentation(config.data.augment, config.data.hflip, info))
@@ -355,8 +364,8 @@ def _summary_markdown(s: Dict[str, Any]) -> str:
         f"{t['val_after_conversion']['top1']:.2f} right after." +
         (" Phase 2 continued phase 1's run (convert.continue_schedule): one lr schedule over both phases, and "
          "the optimizer state of every parameter the conversion kept." if t.get("continue_schedule") else "") +
-        (f" Its position biases were annealed from bias strength {t['bias_strength']:g} to "
-         f"{t['anneal_bias_to']:g} over its first {t['anneal_fraction']:.0%} of epochs (convert.anneal_bias_to)."
-         if t.get("anneal_bias_to") is not None else ""),
+        (f" Phase 2 annealed the position biases from bias strength {t['bias_strength']:g} to "
+         f"{t['anneal_bias_to']:g} over its first {t['anneal_epochs']} of {s['phase2']['epochs']} epochs "
+         f"(convert.anneal_bias_to)." if t.get("anneal_epochs") else ""),
         "", "![curves](curves.png)", "",
     ])

@@ -293,9 +293,9 @@ class RunConfig:
     def in_epochs(self, train_images: int, world_size: int = 1) -> "RunConfig":
         """This config with its budgets in steps as the epochs they come to on ``train_images`` training images,
         in batches of each phase's ``batch_size`` per process of ``world_size`` (a partial batch is dropped),
-        ``grad_accum_steps`` batches a step: ``epochs = ceil(steps / steps per epoch)``. The phases of one continued run (``convert.continue_schedule``)
-        round at the end of each, so the run's total is rounded once; its phase 2 lasts as long as phase 1 unless
-        it sets its own length. A config without steps comes back as it is."""
+        ``grad_accum_steps`` batches a step: ``epochs = ceil(steps / steps per epoch)``. The phases of one continued
+        run (``convert.continue_schedule``) round at the end of each, so the run's total is rounded once; its phase 2
+        lasts as long as phase 1 unless it sets its own length. A config without steps comes back as it is."""
         if not self.budget_in_steps:
             return self
         changes: Dict[str, Any] = {f"{section}.{key}": None for section in ("train", *PHASES)

@@ -238,8 +238,9 @@ def steps_per_epoch(loader: DataLoader, cfg: TrainConfig) -> int:
     if num_steps == 0:
         images = len(loader.dataset) if hasattr(loader.dataset, "__len__") else "?"
         accum = f" x grad_accum_steps {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else ""
+        dropped = " and drop_last (a partial batch is dropped)" if loader.drop_last else ""
         raise ValueError(f"the train loader makes no optimizer step: {images} training images, batch_size "
-                         f"{loader.batch_size}{accum}{' and drop_last (a partial batch is dropped)' * loader.drop_last}; "
+                         f"{loader.batch_size}{accum}{dropped}; "
                          f"lower the batch size (--set train.batch_size=...){' or grad_accum_steps' * bool(accum)} "
                          f"or train on more images")
     if cfg.max_steps_per_epoch is None:

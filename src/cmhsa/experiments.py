@@ -47,8 +47,8 @@ from .pipeline import (build_loaders, create_model, load_model, model_spec, open
 from .provenance import git_state
 from .rundir import RunDir, RunDirLocked
 
-__all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells", "hardware",
-           "STATUSES", "UNFINISHED"]
+__all__ = ["load_experiment", "cell_configs", "grid_status", "run_experiment", "find_finished", "read_cells",
+           "hardware", "STATUSES", "UNFINISHED"]
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:

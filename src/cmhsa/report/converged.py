@@ -344,7 +344,8 @@ def _shift_table(cells: List[dict], labels: List[str], size: int) -> List[str]:
         return []
     rows = [f"Shift consistency at {size} images (fraction of the first test images whose prediction a shift leaves "
             f"unchanged; circular shifts wrap, zero-filled ones bring in black):", "",
-            "| row | " + " | ".join(f"{mode} {s} px" for mode, s in columns) + " |", "| --- |" + " ---: |" * len(columns)]
+            "| row | " + " | ".join(f"{mode} {s} px" for mode, s in columns) + " |",
+            "| --- |" + " ---: |" * len(columns)]
     rows += [f"| {label} | " + " | ".join(_fmt(curves[label][mode][s], 3) for mode, s in columns) + " |"
              for label in labels if label in curves]
     return rows + [""]

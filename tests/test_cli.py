@@ -112,6 +112,20 @@ def test_an_override_without_set_names_the_fix(capsys, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
+@pytest.mark.parametrize("command", ["pipeline", "train"])
+def test_print_config_shows_the_whole_config_a_run_would_use_and_runs_nothing(capsys, tmp_path, command):
+    from cmhsa.config import load_config
+    preset = Path(__file__).resolve().parent.parent / "configs" / "fmnist_tiny_midrun.yaml"
+    argv = ["--config", str(preset), "--set", "data.train_subset=1000", "--output", str(tmp_path / "run")]
+    assert main([command, *argv, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "train_subset: 1000" in printed and "anneal_bias_to: null" in printed  # every key, defaults too
+    (tmp_path / "printed.yaml").write_text(printed)  # and it is a config: run with it, it is the same run
+    assert load_config(tmp_path / "printed.yaml") == load_config(preset, ["data.train_subset=1000",
+                                                                          f"output={tmp_path / 'run'}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]  # nothing ran
+
+
 def test_experiment_typos_name_the_fix(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the repository's root: configs/experiments/
     code, _, err = run(capsys, "experiment", "tabel1")

@@ -158,6 +158,14 @@ def _load_run_config(args: argparse.Namespace):
     return config.set({key: value for key, value in flags.items() if value is not None})
 
 
+def cmd_print_config(args: argparse.Namespace) -> int:
+    """``--print-config``: the config a run command would use, every key with its value, as YAML; runs nothing."""
+    import yaml
+
+    print(yaml.safe_dump(_load_run_config(args).to_dict(), sort_keys=False), end="")
+    return 0
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from .engine import distributed_session
     from .pipeline import run_pipeline
@@ -412,6 +420,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="auto = AMP on CUDA; on a CPU bf16 autocast only for the models measured faster in it "
                         "(CMHSA's attention phase on AVX512-BF16, any CMHSA with AMX), else fp32 (default: auto)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config this command would run (defaults, --config and --set together; lengths "
+                        "in steps as given, the run's config.yaml holds the epochs they come to) as YAML, and exit")
     p.add_argument("--no-resume", action="store_true",
                    help="start again, clearing what the run directory holds (default: resume; resuming refuses a "
                         "directory whose config.yaml differs from this config)")
@@ -545,6 +556,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         overrides = hasattr(args, "set") and all("=" in a and not a.startswith("-") for a in unknown)
         parser.error(f"unrecognized arguments: {' '.join(unknown)}"
                      + (f"; config overrides go after --set: --set {' '.join(unknown)}" if overrides else ""))
+    if getattr(args, "print_config", False):
+        args.func = cmd_print_config
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RunDirLocked) as e:

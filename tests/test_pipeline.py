@@ -13,6 +13,7 @@ from cifar_fixture import make_cifar100
 from cmhsa.cli import main
 from cmhsa.config import apply_overrides, load_config
 from cmhsa.forms import convert_form
+from cmhsa.models import convert_model
 from cmhsa import data as cmdata, pipeline
 from cmhsa.engine import fit
 from cmhsa.pipeline import build_loaders, create_model, load_model, model_spec, run_pipeline
@@ -129,7 +130,7 @@ def test_annealing_scales_the_position_biases_to_their_target_over_phase_2s_firs
                                        "convert.anneal_bias_to=3", "convert.anneal_fraction=0.5"])
     epochs_seen = []
     annealer = pipeline.position_bias_annealer(config, 4)
-    model = pipeline.convert_model(create_model(model_spec(config)), bias_strength=12)
+    model = convert_model(create_model(model_spec(config)), bias_strength=12)
     for epoch in range(4):
         before = model.blocks[0].mixer.rel_pos_bias.detach().clone()
         annealer(epoch, model)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gzip
 import io
 import random
@@ -536,6 +537,9 @@ def test_augmentation_is_described_as_applied():
     assert describe_augmentation("deit", None, fashion) == \
         "deit: random resized crop, RandAugment, random erasing, horizontal flip (a mirrored image keeps its label)"
     assert describe_augmentation("none", True, fashion) == "none"
+    folder = dataclasses.replace(fashion, name="imagefolder")  # a flip there is a guess, and says so
+    assert describe_augmentation("light", None, folder) == "light: random crop, horizontal flip (the default for an " \
+        "image folder, which can hold anything: data.hflip=false if a mirrored image changes its label)"
 
 
 def test_digits_split_is_a_stratified_partition():

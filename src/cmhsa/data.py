@@ -83,6 +83,11 @@ _TORCHVISION_FOLDER = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 # MNIST-format sets are mostly characters (MNIST, KMNIST, EMNIST), so a generic one is not flipped by default.
 _HFLIP_KEEPS_LABEL = {"fashion_mnist": True, "mnist": False, "idx": False, "cifar10": True, "cifar100": True,
                       "imagefolder": True, "digits": False}
+# for the generic sets that default is a guess about data we have not seen, and a run's summary says so
+_HFLIP_GUESSED = {"imagefolder": "the default for an image folder, which can hold anything: data.hflip=false if a "
+                                 "mirrored image changes its label",
+                  "idx": "the default for an MNIST-format set, mostly characters: data.hflip=true if a mirrored "
+                         "image keeps its label"}
 
 # where a user gives a dataset's location, for the errors that ask for it
 _DATA_DIR = "data.data_dir (`--set data.data_dir=PATH`; `cmhsa eval --data-dir PATH`)"
@@ -638,8 +643,8 @@ def describe_augmentation(augment: str, hflip: Optional[bool], info: DatasetInfo
         return "none"
     flip = _flip(hflip, info)
     steps = {"light": ["random crop"], "deit": ["random resized crop", "RandAugment", "random erasing"]}[augment]
-    why = ("" if hflip is not None else " (a mirrored image keeps its label)" if flip
-           else " (a mirrored image may change its label)")
+    why = ("" if hflip is not None else f" ({_HFLIP_GUESSED[info.name]})" if info.name in _HFLIP_GUESSED
+           else " (a mirrored image keeps its label)" if flip else " (a mirrored image may change its label)")
     return f"{augment}: {', '.join(steps)}, {'horizontal flip' if flip else 'no flip'}{why}"
 
 

@@ -56,7 +56,7 @@ def run_seed(seed: int, base: RunConfig, args) -> dict:
     run = RunDir(config.run_dir())
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(config, run.config_path)  # `cmhsa eval <run>/twin` reads the data settings from here
-    train_loader, val_loader, _ = build_loaders(config, 64, 1)
+    loaders = build_loaders(config, 64, 1)  # train, val, dataset info
     test_loader = build_loaders(config.set({"data.val_subset": None}), 256, 1)[1]
     precision = resolve_precision("cpu", "auto")
     test = lambda model: evaluate(model, test_loader, "cpu", precision, 10)  # noqa: E731
@@ -64,7 +64,7 @@ def run_seed(seed: int, base: RunConfig, args) -> dict:
 
     t0 = time.perf_counter()
     cnn = create_model(CNN, seed=seed)
-    train_phase(cnn, CNN, config, "phase1", PhaseDir(run.root / "pretrain"), loaders=(train_loader, val_loader), progress=False)
+    train_phase(cnn, CNN, config, "phase1", PhaseDir(run.root / "pretrain"), loaders=loaders, progress=False)
     pretrained = test(cnn)
     pretrain_seconds = time.perf_counter() - t0
 
@@ -88,8 +88,7 @@ def run_seed(seed: int, base: RunConfig, args) -> dict:
     arms = {}
     for arm, model, spec in (("twin", twin, twin_spec), ("cnn", copy.deepcopy(cnn), CNN)):
         t0 = time.perf_counter()
-        final = train_phase(model, spec, config, "phase2", PhaseDir(run.root / arm), loaders=(train_loader, val_loader),
-                            progress=False)
+        final = train_phase(model, spec, config, "phase2", PhaseDir(run.root / arm), loaders=loaders, progress=False)
         seconds = time.perf_counter() - t0
         arms[arm] = {"test": test(model), "finetune_seconds": seconds, "val_top1_last_epoch": final["val_top1"],
                      "params": sum(p.numel() for p in model.parameters())}

@@ -255,6 +255,10 @@ def test_train_command_for_a_timm_baseline(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "val top-1" in out and "already finished" not in out
+    # first it says what it trains on what: 1438 digits in batches of 128, capped at 2 steps an epoch
+    assert "[phase1] vit_tiny_patch16_224 (0.01M parameters) on digits: 1438 training images, 359 validation; 1 " \
+        "epoch of 2 steps (batch 128); augmentation light: random crop, no flip (a mirrored image may change its " \
+        "label)" in out
     assert (tmp_path / "train/last/model.safetensors").exists()
     assert main(args) == 0  # again: resumes a finished run, and says that nothing was trained
     assert "(already finished: nothing trained now; --no-resume starts over)" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .checkpoint import load_weights, read_optimizer_state
 from .config import PHASES, RunConfig, TrainConfig, load_config
 from .engine import (TrainState, all_ranks_agree, build_optimizer, evaluate, fit, init_distributed, is_main_process,
-                     resolve_device, resolve_precision, seed_everything, transfer_optimizer_state)
+                     resolve_device, resolve_precision, seed_everything, steps_per_epoch, transfer_optimizer_state)
 from .models import CMHSA, continued_parameter, convert_model, scale_position_biases_, transfer_error
 from .plots import plot_curves
 from .provenance import git_state
@@ -199,16 +199,24 @@ def open_run(config: RunConfig, resume: bool = True) -> RunDir:
 
 
 def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase: str, phase_dir: PhaseDir,
-                resume: bool = True, progress: bool = True, loaders: Optional[Tuple[DataLoader, DataLoader]] = None,
+                resume: bool = True, progress: bool = True, loaders: Optional[Tuple[DataLoader, DataLoader, Any]] = None,
                 on_start: Optional[Callable[[TrainState], None]] = None,
                 on_epoch_start: Optional[Callable[[int, nn.Module], None]] = None) -> Dict[str, Any]:
     """Train ``model`` with the ``phase`` settings of ``config`` into ``phase_dir``; returns the final metrics.
-    ``loaders`` (train, val) are built from the config unless given; ``on_start``, ``on_epoch_start`` as in
-    :func:`fit`."""
+    ``loaders`` (train, val, dataset info) are built from the config unless given; ``on_start``, ``on_epoch_start``
+    as in :func:`fit`. With ``progress`` it first says what it trains on what."""
     cfg = config.phase_config(phase, spec["kwargs"]["num_classes"])
-    train_loader, val_loader = loaders or build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])[:2]
+    train_loader, val_loader, info = loaders or build_loaders(config, cfg.batch_size, spec["kwargs"]["in_chans"])
     if is_main_process():
         phase_dir.write_spec(spec)
+        if progress:
+            params = sum(p.numel() for p in model.parameters()) / 1e6
+            print(f"[{phase}] {spec_label(spec)} ({params:.2f}M parameters) on {info.name}: "
+                  f"{len(train_loader.dataset)} training images, {len(val_loader.dataset)} validation; "
+                  f"{cfg.epochs} epoch{'s' * (cfg.epochs != 1)} of {steps_per_epoch(train_loader, cfg)} steps "
+                  f"(batch {cfg.batch_size}"
+                  f"{f' x {cfg.grad_accum_steps}' if cfg.grad_accum_steps > 1 else ''}); augmentation "
+                  f"{cmdata.describe_augmentation(config.data.augment, config.data.hflip, info)}")
     return fit(model, train_loader, val_loader, cfg, phase_dir, resume=resume, phase=phase, progress=progress,
                on_start=on_start, on_epoch_start=on_epoch_start)
 
@@ -302,7 +310,7 @@ def run_pipeline(config: RunConfig, resume: bool = True, progress: bool = True) 
         carry = (_carry_optimizer_state(conv_model, config.phase_config("phase1", num_classes), run.phase("phase1"))
                  if config.convert.continue_schedule else None)
         phase2 = train_phase(attn_model, converted_spec(attn_model), config, "phase2", run.phase("phase2"), resume,
-                             progress, loaders=(train_loader2, val_loader), on_start=carry,
+                             progress, loaders=(train_loader2, val_loader, info), on_start=carry,
                              on_epoch_start=annealer)
         summary = _summarize(config, run, phase1, phase2, transfer, conv_model, attn_model,
                              train_images=len(train_loader2.dataset),

@@ -60,6 +60,7 @@ OURS, OURS_NO_RESTART = "Two-phase, our recipe", "Two-phase, our recipe, no rest
 OURS_CONTINUED = "Two-phase, our recipe, converted mid-run"  # its keep-conv control is the conv row, bit for bit
 TIED_CONTINUED = "Two-phase, tied values, converted mid-run"  # the same run, value maps kept the conv kernel's
 ANNEALED = "Two-phase, our recipe, converted mid-run, annealed"  # the same run, position biases softened 12 -> 4
+ANCHORED = "Two-phase, our recipe, anchored + circular"  # predictions invariant to every circular shift
 CONTROLS = {OURS: "Two-phase control, phase 2 keeps the conv",
             OURS_NO_RESTART: "Two-phase control, no restart, phase 2 keeps the conv"}
 
@@ -96,6 +97,8 @@ CONVERGED_CLAIMS = [
      "improves the mid-run recipe", "target", 0.0),
     (ANNEALED, "Conv phase only", None, "With annealed position biases the attention adds to the conv phase "
      "(mid-run)", "target", 0.0),
+    (ANCHORED, OURS, None, "Exact circular shift invariance (polyphase-anchored patches, circular padding) keeps "
+     "our recipe's top-1", "target", 0.0),
     (OURS, "DeiT-base", (1000, 2000), "Two-phase CMHSA beats DeiT-base with little data",
      "paper", 0.0),
     (OURS, "ConViT", (1000, 2000), "Two-phase CMHSA beats ConViT with little data", "target", 0.0),

@@ -199,7 +199,8 @@ def open_run(config: RunConfig, resume: bool = True) -> RunDir:
 
 
 def train_phase(model: nn.Module, spec: Dict[str, Any], config: RunConfig, phase: str, phase_dir: PhaseDir,
-                resume: bool = True, progress: bool = True, loaders: Optional[Tuple[DataLoader, DataLoader, Any]] = None,
+                resume: bool = True, progress: bool = True,
+                loaders: Optional[Tuple[DataLoader, DataLoader, Any]] = None,
                 on_start: Optional[Callable[[TrainState], None]] = None,
                 on_epoch_start: Optional[Callable[[int, nn.Module], None]] = None) -> Dict[str, Any]:
     """Train ``model`` with the ``phase`` settings of ``config`` into ``phase_dir``; returns the final metrics.
